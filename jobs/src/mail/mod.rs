@@ -1,0 +1,1 @@
+//! Pure mail logic (filled in by the threading work).

@@ -1,0 +1,1 @@
+//! AES-SIV token vault (filled in by the Graph client work).
