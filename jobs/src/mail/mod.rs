@@ -1,1 +1,11 @@
-//! Pure mail logic (filled in by the threading work).
+//! Pure mail logic: no I/O, no Graph types, no database. Everything here is deterministic given
+//! its inputs so the threading rules can be tested as a table.
+//!
+//! - [`headers`]: lenient Message-ID list parsing and a case-insensitive header view.
+//! - [`subject`]: reply/forward prefix stripping and the `[#n]` ticket token.
+//! - [`autoreply`]: auto-reply, bounce and loop detection.
+//! - [`sanitize`]: HTML sanitising for display and plain-text fallbacks.
+//! - [`threading`]: the rule engine deciding which ticket a message belongs to.
+
+pub mod headers;
+pub mod subject;
