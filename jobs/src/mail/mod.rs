@@ -7,5 +7,7 @@
 //! - [`sanitize`]: HTML sanitising for display and plain-text fallbacks.
 //! - [`threading`]: the rule engine deciding which ticket a message belongs to.
 
+pub mod autoreply;
 pub mod headers;
+pub mod sanitize;
 pub mod subject;
