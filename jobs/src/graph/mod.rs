@@ -16,6 +16,11 @@ pub mod error;
 pub mod oauth;
 pub mod types;
 
+#[cfg(test)]
+mod http_tests;
+#[cfg(test)]
+mod stub;
+
 use std::time::Duration;
 
 pub use auth::{
