@@ -11,3 +11,4 @@ pub mod autoreply;
 pub mod headers;
 pub mod sanitize;
 pub mod subject;
+pub mod threading;

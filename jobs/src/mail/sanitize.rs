@@ -320,10 +320,8 @@ pub fn html_to_text(html: &str) -> String {
                     newline(&mut out);
                     out.push_str("- ");
                 }
-                ("td" | "th", false) => {
-                    if !out.ends_with(['\n', '\t']) && !out.is_empty() {
-                        out.push('\t');
-                    }
+                ("td" | "th", false) if !out.ends_with(['\n', '\t']) && !out.is_empty() => {
+                    out.push('\t');
                 }
                 ("pre", false) => {
                     pre_depth += 1;
