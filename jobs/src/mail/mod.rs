@@ -1,5 +1,5 @@
-//! Pure mail logic: no I/O, no Graph types, no database. Everything here is deterministic given
-//! its inputs so the threading rules can be tested as a table.
+//! Pure mail logic: no I/O, no HTTP, no database (the threading engine reaches storage only through
+//! the [`threading::ThreadLookup`] trait). Deterministic given its inputs, so rules test as tables.
 //!
 //! - [`headers`]: lenient Message-ID list parsing and a case-insensitive header view.
 //! - [`subject`]: reply/forward prefix stripping and the `[#n]` ticket token.
