@@ -1,1 +1,376 @@
+//! The integration-test harness: a fresh PostgreSQL database per test, the api in-process on
+//! port 0, worker processes spawned from the real binary, and graph-sim on port 0.
+//!
+//! PostgreSQL: `DATABASE_URL` (any database on the server; tests create their own), else
+//! `postgres://postgres@127.0.0.1:5432/postgres`. `.ci/run` starts a server when none answers.
+//! Logs: set `TEST_LOG=1` to see the app's logs.
 
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Once, OnceLock};
+use std::time::Duration;
+
+use api::auth::{JwtConfig, Role};
+use api::{AppState, Limits};
+use jobs::config::QueueSettings;
+use jobs::ids::TenantId;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use secrecy::SecretString;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+pub fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            jobs::telemetry::init(false);
+        }
+    });
+}
+
+fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A database of its own for one test, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    /// A fresh database with every migration applied.
+    pub async fn new() -> Self {
+        let db = Self::empty().await;
+        jobs::db::migrate(&db.pool).await.expect("migrations apply");
+        db
+    }
+
+    /// A fresh database with no schema at all.
+    pub async fn empty() -> Self {
+        init_logs();
+        let base: PgConnectOptions = server_url().parse().expect("DATABASE_URL parses");
+        let name = format!("gd_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = base
+            .clone()
+            .database("postgres")
+            .connect()
+            .await
+            .expect("PostgreSQL reachable (set DATABASE_URL or run .ci/run)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        let opts = base.database(&name);
+        let url = opts.to_url_lossy().to_string();
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect_with(opts)
+            .await
+            .expect("connect to test database");
+        Self { name, url, pool }
+    }
+
+    pub fn settings(&self) -> SecretString {
+        SecretString::from(self.url.clone())
+    }
+
+    pub async fn create_tenant(&self, name: &str) -> TenantId {
+        let id = TenantId::new();
+        sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+            .bind(id.as_uuid())
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .expect("insert tenant");
+        id
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let url = server_url();
+        // Drop the database off the test's runtime, which may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async move {
+                    let base: Result<PgConnectOptions, _> = url.parse();
+                    if let Ok(base) = base
+                        && let Ok(mut c) = base.database("postgres").connect().await
+                    {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut c)
+                        .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// The api running in-process on an ephemeral port, over a fresh database.
+pub struct TestApp {
+    pub db: TestDb,
+    pub address: String,
+    pub client: reqwest::Client,
+    pub jwt: JwtConfig,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_on(TestDb::new().await).await
+}
+
+pub async fn spawn_app_on(db: TestDb) -> TestApp {
+    let jwt = JwtConfig::new(SecretString::from(JWT_SECRET), "graphdesk", "graphdesk-api");
+    let state = AppState::new(db.pool.clone(), jwt.clone(), Limits::default());
+    let acceptor = TcpListener::bind("127.0.0.1:0")
+        .into_acceptor()
+        .await
+        .expect("bind api");
+    let addr = acceptor.local_addr()[0]
+        .as_socket_addr()
+        .copied()
+        .expect("tcp address");
+    let app = api::build_app(state);
+    let server = tokio::spawn(async move {
+        let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;
+    });
+    TestApp {
+        db,
+        address: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        jwt,
+        server,
+    }
+}
+
+impl TestApp {
+    pub fn token(&self, tenant: TenantId, role: Role) -> String {
+        self.jwt
+            .mint("test-user", tenant, role, chrono::Duration::hours(1))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn get_job(&self, token: &str, id: i64) -> serde_json::Value {
+        self.client
+            .get(self.url(&format!("/api/v1/jobs/{id}")))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET job")
+            .json()
+            .await
+            .expect("job JSON")
+    }
+
+    /// Polls a job over HTTP until it reaches one of `states`.
+    pub async fn wait_for_job(
+        &self,
+        token: &str,
+        id: i64,
+        states: &[&str],
+        within: Duration,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let job = self.get_job(token, id).await;
+            if states.iter().any(|s| job["status"] == *s) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} did not reach {states:?} within {within:?}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn target_dir() -> PathBuf {
+    // The test binary lives in <target>/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile dir")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, built once if the test run did not build it.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let path = target_dir().join(name);
+    if !path.exists() {
+        BUILT.get_or_init(|| {
+            let status = std::process::Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--bin",
+                    "worker",
+                    "--bin",
+                    "api",
+                    "--bin",
+                    "graph-sim",
+                ])
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                .status()
+                .expect("cargo build");
+            assert!(status.success(), "building the binaries failed");
+        });
+    }
+    path
+}
+
+/// A worker OS process. Killed on drop.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub worker_id: String,
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+pub struct WorkerOptions {
+    pub queue: QueueSettings,
+    pub shutdown_grace_secs: u64,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            queue: QueueSettings {
+                poll_interval: Duration::from_millis(200),
+                lease: Duration::from_secs(5),
+                ..QueueSettings::default()
+            },
+            shutdown_grace_secs: 20,
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+pub async fn spawn_worker(db: &TestDb, opts: WorkerOptions) -> WorkerProcess {
+    let mut cmd = Command::new(workspace_bin("worker"));
+    cmd.arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "WORKER_CONCURRENCY",
+            opts.queue.worker_concurrency.to_string(),
+        )
+        .env("WORKER_BATCH_SIZE", opts.queue.batch_size.to_string())
+        .env(
+            "WORKER_POLL_INTERVAL_MS",
+            opts.queue.poll_interval.as_millis().to_string(),
+        )
+        .env("QUEUE_LEASE_SECS", opts.queue.lease.as_secs().to_string())
+        .env(
+            "WORKER_TENANT_CONCURRENCY",
+            opts.queue.tenant_concurrency.unwrap_or(0).to_string(),
+        )
+        .env(
+            "JOB_TIMEOUT_SECS",
+            opts.queue.job_timeout.as_secs().to_string(),
+        )
+        .env(
+            "WORKER_SHUTDOWN_GRACE_SECS",
+            opts.shutdown_grace_secs.to_string(),
+        )
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env_remove("WORKER_QUEUES")
+        .stdout(Stdio::piped())
+        .stderr(if std::env::var_os("TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .kill_on_drop(true);
+    for (k, v) in &opts.extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn worker");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let worker_id = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.strip_prefix("worker ")
+                && let Some((id, _)) = rest.split_once(" running")
+            {
+                return id.to_string();
+            }
+        }
+        panic!("worker exited before it was ready");
+    })
+    .await
+    .expect("worker ready within 60 s");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    WorkerProcess { child, worker_id }
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal worker");
+    }
+
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("worker exits in time")
+            .expect("wait")
+    }
+}
+
+/// Polls `query` (a scalar i64) until it equals `expected`.
+pub async fn wait_for_count(pool: &PgPool, query: &'static str, expected: i64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let n: i64 = sqlx::query_scalar(query)
+            .fetch_one(pool)
+            .await
+            .expect("count query");
+        if n == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "`{query}` = {n}, expected {expected} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub use api::auth::Role as TestRole;

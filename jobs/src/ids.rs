@@ -267,9 +267,11 @@ impl EmailAddress {
                 value: trimmed.chars().take(80).collect(),
             });
         }
-        let (local, domain) = trimmed.rsplit_once('@').ok_or_else(|| ParseError::BadEmail {
-            value: trimmed.chars().take(80).collect(),
-        })?;
+        let (local, domain) = trimmed
+            .rsplit_once('@')
+            .ok_or_else(|| ParseError::BadEmail {
+                value: trimmed.chars().take(80).collect(),
+            })?;
         Ok(Self(format!("{local}@{}", domain.to_ascii_lowercase())))
     }
     #[must_use]
@@ -358,11 +360,15 @@ mod tests {
     #[test]
     fn internet_message_id_is_bracketed_and_junk_is_refused() {
         assert_eq!(
-            InternetMessageId::parse("abc@example.com").unwrap().as_str(),
+            InternetMessageId::parse("abc@example.com")
+                .unwrap()
+                .as_str(),
             "<abc@example.com>"
         );
         assert_eq!(
-            InternetMessageId::parse(" <abc@example.com> ").unwrap().as_str(),
+            InternetMessageId::parse(" <abc@example.com> ")
+                .unwrap()
+                .as_str(),
             "<abc@example.com>"
         );
         assert!(InternetMessageId::parse("<1234567>").is_err());

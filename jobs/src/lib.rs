@@ -15,9 +15,11 @@
 pub mod config;
 pub mod db;
 pub mod graph;
+pub mod handlers;
 pub mod ids;
 pub mod kinds;
 pub mod mail;
 pub mod queue;
+pub mod sends;
 pub mod telemetry;
 pub mod vault;

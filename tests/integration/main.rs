@@ -1,1 +1,3 @@
+//! The one integration-test binary. Every test uses a fresh database on a real PostgreSQL.
 
+mod foundation;

@@ -1,1 +1,122 @@
-fn main() {}
+//! graphdesk worker: registers one apalis worker per queue on graphdesk's Postgres backend.
+//! Run as many processes, on as many hosts, as the load needs.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use apalis_core::monitor::Monitor;
+use apalis_core::worker::builder::WorkerBuilder;
+use clap::{Parser, Subcommand};
+use jobs::config::{Settings, load_dotenv};
+use jobs::kinds::Probe;
+use jobs::queue::JobKind;
+use jobs::queue::runtime::{JobContext, WorkerRuntime, unique_worker_id};
+
+#[derive(Parser)]
+#[command(name = "worker", about = "graphdesk job worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the workers (the default).
+    Run {
+        /// Only these queues (comma-separated); default: all.
+        #[arg(long, env = "WORKER_QUEUES", value_delimiter = ',')]
+        queues: Vec<String>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    load_dotenv();
+    let cli = Cli::parse();
+    let settings = Settings::from_env()?;
+    jobs::telemetry::init(settings.json_logs);
+    let pool = jobs::db::connect(
+        &settings.database_url,
+        settings.database_max_connections,
+        "graphdesk-worker",
+    )
+    .await
+    .context("connecting to the database")?;
+    match cli.command.unwrap_or(Command::Run { queues: vec![] }) {
+        Command::Migrate => {
+            jobs::db::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Run { queues } => run(settings, pool, queues).await,
+    }
+}
+
+fn wanted(queues: &[String], queue: &str) -> bool {
+    queues.is_empty()
+        || queues
+            .iter()
+            .any(|q| q == queue || queue.strip_prefix("graphdesk.") == Some(q.as_str()))
+}
+
+async fn run(settings: Settings, pool: sqlx::PgPool, queues: Vec<String>) -> anyhow::Result<()> {
+    let worker_id = unique_worker_id("worker");
+    let runtime = WorkerRuntime::start(pool.clone(), settings.queue.clone(), worker_id.clone());
+    let mut monitor = Monitor::new();
+    let mut registered = Vec::new();
+
+    if wanted(&queues, Probe::QUEUE) {
+        let pool = pool.clone();
+        let handler =
+            move |job: Probe, ctx: JobContext| jobs::handlers::run_probe(pool.clone(), job, ctx);
+        monitor = register(monitor, &runtime, &worker_id, handler);
+        registered.push(Probe::QUEUE);
+    }
+    anyhow::ensure!(
+        !registered.is_empty(),
+        "no queue selected: check WORKER_QUEUES"
+    );
+    tracing::info!(%worker_id, queues = ?registered, "worker started");
+    println!("worker {worker_id} running queues {registered:?}");
+
+    let monitor_task = tokio::spawn(monitor.run());
+    shutdown_signal().await;
+    // Stop claiming, give in-flight jobs time to finish, hand the rest back.
+    runtime
+        .shutdown(Duration::from_secs(jobs::config::env_parse(
+            "WORKER_SHUTDOWN_GRACE_SECS",
+            20u64,
+        )?))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), monitor_task).await;
+    println!("worker {worker_id} stopped");
+    Ok(())
+}
+
+/// One apalis worker per queue. The factory runs again if apalis restarts the worker; each
+/// run gets a fresh fetcher from the shared runtime.
+fn register<J, H>(monitor: Monitor, runtime: &WorkerRuntime, worker_id: &str, handler: H) -> Monitor
+where
+    J: JobKind,
+    H: jobs::queue::runtime::JobHandler<J>,
+{
+    let runtime = runtime.clone();
+    let name = format!("{worker_id}-{}", J::QUEUE);
+    monitor.register(move |_| {
+        let (backend, service) = runtime.worker::<J, H>(handler.clone());
+        WorkerBuilder::new(name.clone())
+            .backend(backend)
+            .build(service)
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,1 +1,220 @@
+//! The durable job queue: one Postgres table (`queue_jobs`), read by apalis workers through
+//! graphdesk's own backend ([`runtime`]).
+//!
+//! Guarantees (see ARCHITECTURE.md): at-least-once execution; every state change after the
+//! claim is a compare-and-set on (id, attempts, status = running), so a stale execution can
+//! never overwrite a newer one; retries move `run_at` (exponential backoff with jitter);
+//! deferral does not spend an attempt; a claimed job carries a lease that the owner renews and
+//! that anyone may reap once it expires; per-tenant limits are enforced inside the claim.
 
+mod error;
+mod ops;
+mod retry;
+pub mod runtime;
+
+use chrono::{DateTime, Utc};
+use serde::{Serialize, de::DeserializeOwned};
+use sqlx::{PgConnection, PgPool};
+
+pub use error::{JobError, QueueError};
+pub use ops::{JobFilter, JobRecord, JobStats, JobStatus};
+pub use retry::RetryPolicy;
+
+use crate::ids::{AccountId, JobId, TenantId};
+use error::DbContext;
+
+/// The Postgres notification channel that wakes idle workers; the payload is the queue name.
+pub const NOTIFY_CHANNEL: &str = "graphdesk_jobs";
+
+/// A typed job. Each kind lives on its own explicitly named queue: a Rust rename must never
+/// orphan jobs already stored under the old name.
+pub trait JobKind: Serialize + DeserializeOwned + Send + Sync + Unpin + 'static {
+    const QUEUE: &'static str;
+    const MAX_ATTEMPTS: i32;
+    fn retry_policy() -> RetryPolicy {
+        RetryPolicy::default()
+    }
+    fn tenant(&self) -> Option<TenantId>;
+    fn account(&self) -> Option<AccountId> {
+        None
+    }
+    /// Jobs with the same key coalesce: at most one is pending at a time.
+    fn coalesce_key(&self) -> Option<String> {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EnqueueOptions {
+    pub idempotency_key: Option<String>,
+    pub run_at: Option<DateTime<Utc>>,
+    pub priority: i16,
+    pub max_attempts: Option<i32>,
+}
+
+impl EnqueueOptions {
+    #[must_use]
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+    #[must_use]
+    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
+        self.run_at = Some(at);
+        self
+    }
+    #[must_use]
+    pub fn max_attempts(mut self, n: i32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+}
+
+/// The result of an enqueue: the job's id, and whether this call created it or found an
+/// existing job with the same idempotency or coalesce key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    pub id: JobId,
+    pub created: bool,
+}
+
+/// Producer and operations handle; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pool: PgPool,
+}
+
+impl Queue {
+    #[must_use]
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn enqueue<J: JobKind>(
+        &self,
+        job: &J,
+        opts: EnqueueOptions,
+    ) -> Result<Enqueued, QueueError> {
+        let mut conn = self.pool.acquire().await.ctx("acquire")?;
+        enqueue_in(&mut conn, job, opts).await
+    }
+
+    /// Enqueues many jobs of one kind in one statement (no idempotency keys); returns their ids
+    /// in input order.
+    pub async fn enqueue_batch<J: JobKind>(&self, jobs: &[J]) -> Result<Vec<JobId>, QueueError> {
+        let mut payloads = Vec::with_capacity(jobs.len());
+        let mut tenants = Vec::with_capacity(jobs.len());
+        let mut accounts = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            payloads.push(
+                serde_json::to_value(job).map_err(|source| QueueError::Encode {
+                    queue: J::QUEUE,
+                    source,
+                })?,
+            );
+            tenants.push(job.tenant().map(|t| t.as_uuid()));
+            accounts.push(job.account().map(|a| a.as_uuid()));
+        }
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "WITH ins AS (
+                INSERT INTO queue_jobs (queue, tenant_id, email_account_id, payload, max_attempts)
+                SELECT $1, t, a, p, $5
+                FROM unnest($2::uuid[], $3::uuid[], $4::jsonb[]) WITH ORDINALITY AS u(t, a, p, ord)
+                ORDER BY ord
+                RETURNING id
+            )
+            SELECT id FROM ins ORDER BY id",
+        )
+        .bind(J::QUEUE)
+        .bind(&tenants)
+        .bind(&accounts)
+        .bind(&payloads)
+        .bind(J::MAX_ATTEMPTS)
+        .fetch_all(&self.pool)
+        .await
+        .ctx("enqueue_batch")?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(NOTIFY_CHANNEL)
+            .bind(J::QUEUE)
+            .execute(&self.pool)
+            .await
+            .ctx("notify")?;
+        Ok(ids.into_iter().map(JobId::new).collect())
+    }
+}
+
+/// Enqueues inside the caller's transaction (transactional outbox): the job exists exactly when
+/// the business write that asked for it commits. A duplicate idempotency key, or a pending job
+/// with the same coalesce key, returns the existing job instead of an error.
+pub async fn enqueue_in<J: JobKind>(
+    conn: &mut PgConnection,
+    job: &J,
+    opts: EnqueueOptions,
+) -> Result<Enqueued, QueueError> {
+    let payload = serde_json::to_value(job).map_err(|source| QueueError::Encode {
+        queue: J::QUEUE,
+        source,
+    })?;
+    let coalesce_key = job.coalesce_key();
+    // A conflicting job can leave `pending` between our insert and our look-up (a worker
+    // claimed it); then a new insert succeeds, so a few rounds always settle.
+    for _ in 0..5 {
+        let inserted: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO queue_jobs
+                 (queue, tenant_id, email_account_id, payload, priority, max_attempts, run_at,
+                  idempotency_key, coalesce_key)
+             VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), $8, $9)
+             ON CONFLICT DO NOTHING
+             RETURNING id",
+        )
+        .bind(J::QUEUE)
+        .bind(job.tenant().map(|t| t.as_uuid()))
+        .bind(job.account().map(|a| a.as_uuid()))
+        .bind(&payload)
+        .bind(opts.priority)
+        .bind(opts.max_attempts.unwrap_or(J::MAX_ATTEMPTS))
+        .bind(opts.run_at)
+        .bind(opts.idempotency_key.as_deref())
+        .bind(coalesce_key.as_deref())
+        .fetch_optional(&mut *conn)
+        .await
+        .ctx("enqueue")?;
+        if let Some(id) = inserted {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(J::QUEUE)
+                .execute(&mut *conn)
+                .await
+                .ctx("notify")?;
+            return Ok(Enqueued {
+                id: JobId::new(id),
+                created: true,
+            });
+        }
+        let existing: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM queue_jobs
+             WHERE queue = $1
+               AND (($2::text IS NOT NULL AND idempotency_key = $2)
+                    OR ($3::text IS NOT NULL AND coalesce_key = $3 AND status = 'pending'))
+             ORDER BY id LIMIT 1",
+        )
+        .bind(J::QUEUE)
+        .bind(opts.idempotency_key.as_deref())
+        .bind(coalesce_key.as_deref())
+        .fetch_optional(&mut *conn)
+        .await
+        .ctx("enqueue_lookup")?;
+        if let Some(id) = existing {
+            return Ok(Enqueued {
+                id: JobId::new(id),
+                created: false,
+            });
+        }
+    }
+    Err(QueueError::Contended { queue: J::QUEUE })
+}

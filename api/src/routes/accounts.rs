@@ -1,0 +1,138 @@
+use jobs::ids::{AccountId, TenantId};
+use jobs::kinds::{RefreshToken, SyncMailbox, ValidateAccount};
+use jobs::queue::EnqueueOptions;
+use poem_openapi::{Object, OpenApi, param::Path, payload::Json};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::BearerAuth;
+use crate::error::{ApiError, ApiResult};
+use crate::routes::ApiTags;
+use crate::routes::jobs_api::{Accepted, accepted};
+
+#[derive(Debug, Object, Default)]
+pub struct SyncRequest {
+    /// A well-known folder name (inbox, archive, …) or a Graph folder id. Default: inbox.
+    pub folder: Option<String>,
+}
+
+pub struct AccountsApi {
+    pub state: AppState,
+}
+
+fn parse_account(raw: &str) -> ApiResult<AccountId> {
+    raw.parse()
+        .map_err(|e: jobs::ids::ParseError| ApiError::bad_request(e.to_string()))
+}
+
+fn require_admin(auth: &BearerAuth) -> ApiResult<()> {
+    if auth.0.at_least_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            "managing accounts needs the admin role",
+        ))
+    }
+}
+
+impl AccountsApi {
+    /// The account, if it belongs to `tenant`; another tenant's account is indistinguishable
+    /// from a missing one.
+    async fn own_account(&self, tenant: TenantId, account: AccountId) -> ApiResult<AccountId> {
+        let found: Option<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM helpdesk_email_accounts WHERE id = $1 AND tenant_id = $2",
+        )
+        .bind(account.as_uuid())
+        .bind(tenant.as_uuid())
+        .fetch_optional(&self.state.pool)
+        .await?;
+        found
+            .map(AccountId::from_uuid)
+            .ok_or_else(|| ApiError::not_found("account"))
+    }
+}
+
+fn valid_folder(folder: &str) -> bool {
+    !folder.is_empty()
+        && folder.len() <= 512
+        && folder
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'+' | b'/'))
+}
+
+#[OpenApi(prefix_path = "/api/v1", tag = "ApiTags::Accounts")]
+impl AccountsApi {
+    /// Enqueues a delta sync of one folder. Coalesces: while a sync of the same account and
+    /// folder is pending, this returns that job.
+    #[oai(path = "/accounts/:account_id/sync", method = "post")]
+    async fn sync(
+        &self,
+        auth: BearerAuth,
+        account_id: Path<String>,
+        body: Json<SyncRequest>,
+    ) -> ApiResult<Accepted> {
+        require_admin(&auth)?;
+        let account = self
+            .own_account(auth.0.tenant, parse_account(&account_id)?)
+            .await?;
+        let folder = body.0.folder.unwrap_or_else(|| "inbox".into());
+        if !valid_folder(&folder) {
+            return Err(ApiError::unprocessable(
+                "folder must be a well-known folder name or a Graph folder id",
+            ));
+        }
+        let job = SyncMailbox {
+            tenant: auth.0.tenant,
+            account,
+            folder,
+        };
+        let enq = self
+            .state
+            .queue
+            .enqueue(&job, EnqueueOptions::default())
+            .await?;
+        Ok(accepted::<SyncMailbox>(enq))
+    }
+
+    /// Enqueues a connection test: /me, the inbox, granted scopes, send permission.
+    #[oai(path = "/accounts/:account_id/validate", method = "post")]
+    async fn validate(&self, auth: BearerAuth, account_id: Path<String>) -> ApiResult<Accepted> {
+        require_admin(&auth)?;
+        let account = self
+            .own_account(auth.0.tenant, parse_account(&account_id)?)
+            .await?;
+        let job = ValidateAccount {
+            tenant: auth.0.tenant,
+            account,
+        };
+        let enq = self
+            .state
+            .queue
+            .enqueue(&job, EnqueueOptions::default())
+            .await?;
+        Ok(accepted::<ValidateAccount>(enq))
+    }
+
+    /// Enqueues a token refresh for the account.
+    #[oai(path = "/accounts/:account_id/refresh-token", method = "post")]
+    async fn refresh_token(
+        &self,
+        auth: BearerAuth,
+        account_id: Path<String>,
+    ) -> ApiResult<Accepted> {
+        require_admin(&auth)?;
+        let account = self
+            .own_account(auth.0.tenant, parse_account(&account_id)?)
+            .await?;
+        let job = RefreshToken {
+            tenant: auth.0.tenant,
+            account,
+        };
+        let enq = self
+            .state
+            .queue
+            .enqueue(&job, EnqueueOptions::default())
+            .await?;
+        Ok(accepted::<RefreshToken>(enq))
+    }
+}

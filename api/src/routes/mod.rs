@@ -1,0 +1,18 @@
+pub mod accounts;
+pub mod health;
+pub mod jobs_api;
+pub mod tickets;
+
+use poem_openapi::Tags;
+
+#[derive(Tags)]
+pub enum ApiTags {
+    /// Liveness and readiness.
+    Health,
+    /// Connected mailboxes and the jobs that act on them.
+    Accounts,
+    /// Tickets and agent replies.
+    Tickets,
+    /// Job state, and ops actions on jobs.
+    Jobs,
+}

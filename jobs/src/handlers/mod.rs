@@ -1,0 +1,5 @@
+//! Job handlers: the application logic each queue runs. Every handler is a reconciler.
+
+mod probe;
+
+pub use probe::run_probe;

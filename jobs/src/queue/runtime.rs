@@ -1,0 +1,939 @@
+//! The worker side of the queue: graphdesk's apalis backend over `queue_jobs`.
+//!
+//! One [`WorkerRuntime`] per process owns what must be shared by all its queues: the LISTEN
+//! connection that wakes idle fetchers, the completion flusher (completions of many jobs are
+//! written in one statement), the lease heartbeat for in-flight jobs, and the reaper. Each queue
+//! gets a [`PgBackend`] (what apalis polls for tasks) and a [`JobService`] (what apalis calls
+//! with them) sharing one semaphore, so a process never claims more jobs than it can start.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis_core::backend::{Backend, BackendConfig, finalize::Ephemeral};
+use apalis_core::task::Task;
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::task_id::TaskId;
+use apalis_core::worker::context::WorkerContext;
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use sqlx::postgres::PgListener;
+use sqlx::{AssertSqlSafe, PgPool};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::error::DbContext;
+use super::{JobError, JobKind, NOTIFY_CHANNEL, QueueError};
+use crate::config::QueueSettings;
+use crate::ids::{JobId, TenantId};
+
+/// An advisory-lock key that serialises claims while tenant limits are on, so the running
+/// count each claim reads is exact across every process.
+const TENANT_CLAIM_LOCK: i64 = 0x6772_6170_6864_6b01;
+
+/// What a handler learns about the run it is part of.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub id: JobId,
+    /// 1-based: the first run is attempt 1.
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub tenant: Option<TenantId>,
+    pub worker_id: Arc<str>,
+}
+
+impl JobContext {
+    #[must_use]
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt >= self.max_attempts
+    }
+}
+
+/// Application logic for one job kind. Handlers must be reconcilers: re-running one after a
+/// crash at any line, or alongside a stale execution, converges on the same final state.
+pub trait JobHandler<J>: Clone + Send + Sync + 'static {
+    fn handle(&self, job: J, ctx: JobContext) -> impl Future<Output = Result<(), JobError>> + Send;
+}
+
+impl<J, F, Fut> JobHandler<J> for F
+where
+    F: Fn(J, JobContext) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), JobError>> + Send,
+{
+    fn handle(&self, job: J, ctx: JobContext) -> impl Future<Output = Result<(), JobError>> + Send {
+        self(job, ctx)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    Retry,
+    Dead,
+    Deferred,
+}
+
+impl Outcome {
+    fn status(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Retry | Self::Deferred => "pending",
+            Self::Dead => "dead",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Retry => "retry",
+            Self::Dead => "dead",
+            Self::Deferred => "deferred",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Completion {
+    id: i64,
+    attempt: i32,
+    outcome: Outcome,
+    run_at: Option<DateTime<Utc>>,
+    error: Option<String>,
+}
+
+struct CompletionRequest {
+    completion: Completion,
+    applied: oneshot::Sender<bool>,
+}
+
+struct Inner {
+    pool: PgPool,
+    worker_id: Arc<str>,
+    settings: QueueSettings,
+    completions: mpsc::UnboundedSender<CompletionRequest>,
+    /// job id → attempt, for the heartbeat and for releasing jobs on shutdown.
+    inflight: Mutex<HashMap<i64, i32>>,
+    inflight_drained: Notify,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Stops fetching; in-flight jobs go on.
+    stop_fetching: CancellationToken,
+    /// Stops the background tasks once in-flight work is settled.
+    stop_background: CancellationToken,
+}
+
+/// The per-process queue runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct WorkerRuntime {
+    inner: Arc<Inner>,
+    background: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for WorkerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerRuntime")
+            .field("worker_id", &self.inner.worker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A worker name unique per host, process and start: two live workers can never share one,
+/// so lease ownership (locked_by) is unambiguous.
+#[must_use]
+pub fn unique_worker_id(prefix: &str) -> String {
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "host".into());
+    let nonce: u32 = rand::random();
+    format!("{prefix}-{host}-{}-{nonce:08x}", std::process::id())
+}
+
+impl WorkerRuntime {
+    pub fn start(pool: PgPool, settings: QueueSettings, worker_id: impl Into<String>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            pool,
+            worker_id: Arc::from(worker_id.into()),
+            settings,
+            completions: tx,
+            inflight: Mutex::new(HashMap::new()),
+            inflight_drained: Notify::new(),
+            wakers: Mutex::new(HashMap::new()),
+            stop_fetching: CancellationToken::new(),
+            stop_background: CancellationToken::new(),
+        });
+        let background = vec![
+            tokio::spawn(flush_loop(inner.clone(), rx)),
+            tokio::spawn(listen_loop(inner.clone())),
+            tokio::spawn(heartbeat_loop(inner.clone())),
+            tokio::spawn(reaper_loop(inner.clone())),
+        ];
+        info!(worker_id = %inner.worker_id, "queue runtime started");
+        Self {
+            inner,
+            background: Arc::new(Mutex::new(background)),
+        }
+    }
+
+    #[must_use]
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// The backend and service for one job kind; register them with one apalis worker.
+    pub fn worker<J: JobKind, H: JobHandler<J>>(
+        &self,
+        handler: H,
+    ) -> (PgBackend<J>, JobService<J, H>) {
+        let permits = Arc::new(Semaphore::new(self.inner.settings.worker_concurrency));
+        let (tx, rx) = mpsc::channel(self.inner.settings.worker_concurrency.max(1));
+        let wake = self.waker(J::QUEUE);
+        let handle = tokio::spawn(fetch_loop::<J>(
+            self.inner.clone(),
+            permits.clone(),
+            tx,
+            wake,
+        ));
+        self.background.lock().expect("poisoned").push(handle);
+        (
+            PgBackend {
+                rx,
+                _marker: PhantomData,
+            },
+            JobService {
+                inner: self.inner.clone(),
+                permits,
+                handler,
+                _marker: PhantomData,
+            },
+        )
+    }
+
+    fn waker(&self, queue: &str) -> Arc<Notify> {
+        self.inner
+            .wakers
+            .lock()
+            .expect("poisoned")
+            .entry(queue.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    #[must_use]
+    pub fn inflight(&self) -> usize {
+        self.inner.inflight.lock().expect("poisoned").len()
+    }
+
+    /// Graceful stop: no new claims; in-flight jobs get `grace` to finish; whatever is still
+    /// running then goes back to pending (without spending its attempt) so another worker
+    /// picks it up at once instead of waiting for the lease to expire.
+    pub async fn shutdown(&self, grace: Duration) {
+        info!(worker_id = %self.inner.worker_id, inflight = self.inflight(), "draining");
+        self.inner.stop_fetching.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let drained = self.inner.inflight_drained.notified();
+            if self.inflight() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                break;
+            }
+        }
+        let leftovers: Vec<(i64, i32)> = self
+            .inner
+            .inflight
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(id, attempt)| (*id, *attempt))
+            .collect();
+        if !leftovers.is_empty() {
+            match release_jobs(&self.inner, &leftovers).await {
+                Ok(n) => warn!(
+                    released = n,
+                    "jobs still running at shutdown went back to pending"
+                ),
+                Err(e) => {
+                    error!(error = ?e, "could not release running jobs; their leases will expire")
+                }
+            }
+        }
+        // The flusher drains what is queued before it stops.
+        self.inner.stop_background.cancel();
+        let handles: Vec<_> = std::mem::take(&mut *self.background.lock().expect("poisoned"));
+        for h in handles {
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+        info!(worker_id = %self.inner.worker_id, "queue runtime stopped");
+    }
+
+    /// Runs one reaper pass now (the reaper also runs periodically); returns jobs recovered.
+    pub async fn reap_now(&self) -> Result<u64, QueueError> {
+        reap_expired(&self.inner.pool).await
+    }
+}
+
+/// Recovers jobs whose lease expired: their worker died or lost the database. The lease end
+/// was written by the owner when it claimed or renewed, so every reaper agrees on it whatever
+/// its own settings.
+pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "UPDATE queue_jobs j SET
+            status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'pending' END,
+            finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+            run_at = now(), locked_by = NULL, lease_expires_at = NULL, updated_at = now(),
+            last_error = 'lease expired: the worker running attempt ' || j.attempts
+                         || ' stopped renewing it (crash, kill or lost connection)',
+            errors = j.errors || jsonb_build_array(jsonb_build_object(
+                'attempt', j.attempts, 'at', now(), 'kind', 'lease_expired',
+                'error', 'lease expired (worker ' || coalesce(j.locked_by, '?') || ')'))
+         FROM (SELECT id FROM queue_jobs
+               WHERE status = 'running' AND lease_expires_at < now()
+               ORDER BY lease_expires_at LIMIT 1000
+               FOR UPDATE SKIP LOCKED) expired
+         WHERE j.id = expired.id
+         RETURNING j.id, j.queue",
+    )
+    .fetch_all(pool)
+    .await
+    .ctx("reap")?;
+    if !rows.is_empty() {
+        let queues: std::collections::BTreeSet<&str> =
+            rows.iter().map(|(_, q)| q.as_str()).collect();
+        for q in queues {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(q)
+                .execute(pool)
+                .await
+                .ctx("notify")?;
+        }
+        warn!(
+            recovered = rows.len(),
+            "reaper recovered jobs with expired leases"
+        );
+        metrics::counter!("graphdesk_jobs_recovered_total").increment(rows.len() as u64);
+    }
+    Ok(rows.len() as u64)
+}
+
+async fn release_jobs(inner: &Inner, jobs: &[(i64, i32)]) -> Result<u64, QueueError> {
+    let ids: Vec<i64> = jobs.iter().map(|j| j.0).collect();
+    let attempts: Vec<i32> = jobs.iter().map(|j| j.1).collect();
+    let done = sqlx::query(
+        "UPDATE queue_jobs j SET status = 'pending', attempts = j.attempts - 1, run_at = now(),
+                locked_by = NULL, lease_expires_at = NULL, updated_at = now()
+         FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
+         WHERE j.id = r.id AND j.attempts = r.attempt AND j.status = 'running'
+           AND j.locked_by = $3",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&*inner.worker_id)
+    .execute(&inner.pool)
+    .await
+    .ctx("release")?;
+    Ok(done.rows_affected())
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    id: i64,
+    payload: serde_json::Value,
+    attempts: i32,
+    max_attempts: i32,
+    tenant_id: Option<uuid::Uuid>,
+}
+
+const CLAIM_SET: &str = "UPDATE queue_jobs j SET status = 'running', attempts = j.attempts + 1,
+        locked_by = $3, locked_at = now(),
+        lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
+    FROM picked WHERE j.id = picked.id
+    RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.tenant_id";
+
+async fn claim(inner: &Inner, queue: &str, n: usize) -> Result<Vec<ClaimedRow>, QueueError> {
+    let lease = inner.settings.lease.as_secs_f64();
+    match inner.settings.tenant_concurrency {
+        None => {
+            let sql = format!(
+                "WITH picked AS (
+                    SELECT id FROM queue_jobs
+                    WHERE queue = $1 AND status = 'pending' AND run_at <= now()
+                    ORDER BY priority DESC, run_at, id
+                    LIMIT $2 FOR UPDATE SKIP LOCKED)
+                 {CLAIM_SET}"
+            );
+            sqlx::query_as(AssertSqlSafe(sql))
+                .bind(queue)
+                .bind(n as i64)
+                .bind(&*inner.worker_id)
+                .bind(lease)
+                .fetch_all(&inner.pool)
+                .await
+                .ctx("claim")
+        }
+        Some(default_limit) => {
+            let mut tx = inner.pool.begin().await.ctx("claim_begin")?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(TENANT_CLAIM_LOCK)
+                .execute(&mut *tx)
+                .await
+                .ctx("claim_lock")?;
+            // Candidates are over-sampled so one tenant at its limit at the head of the queue
+            // does not starve the tenants behind it.
+            let sql = format!(
+                "WITH running AS (
+                    SELECT tenant_id, count(*) AS n FROM queue_jobs
+                    WHERE status = 'running' AND tenant_id IS NOT NULL GROUP BY tenant_id
+                 ), candidates AS (
+                    SELECT c.id, c.tenant_id, c.priority, c.run_at,
+                           row_number() OVER (PARTITION BY c.tenant_id
+                                              ORDER BY c.priority DESC, c.run_at, c.id) AS rn
+                    FROM (SELECT id, tenant_id, priority, run_at FROM queue_jobs
+                          WHERE queue = $1 AND status = 'pending' AND run_at <= now()
+                          ORDER BY priority DESC, run_at, id
+                          LIMIT $5 FOR UPDATE SKIP LOCKED) c
+                 ), picked AS (
+                    SELECT c.id FROM candidates c
+                    LEFT JOIN running r ON r.tenant_id = c.tenant_id
+                    LEFT JOIN tenants t ON t.id = c.tenant_id
+                    WHERE c.tenant_id IS NULL
+                       OR c.rn + coalesce(r.n, 0) <= coalesce(t.concurrency_limit, $6)
+                    ORDER BY c.priority DESC, c.run_at, c.id
+                    LIMIT $2)
+                 {CLAIM_SET}"
+            );
+            let rows = sqlx::query_as(AssertSqlSafe(sql))
+                .bind(queue)
+                .bind(n as i64)
+                .bind(&*inner.worker_id)
+                .bind(lease)
+                .bind((n as i64 * 8).max(256))
+                .bind(default_limit as i64)
+                .fetch_all(&mut *tx)
+                .await
+                .ctx("claim")?;
+            tx.commit().await.ctx("claim_commit")?;
+            Ok(rows)
+        }
+    }
+}
+
+async fn fetch_loop<J: JobKind>(
+    inner: Arc<Inner>,
+    permits: Arc<Semaphore>,
+    tx: mpsc::Sender<Task<J>>,
+    wake: Arc<Notify>,
+) {
+    let batch = inner.settings.batch_size.max(1);
+    let mut failures = 0u32;
+    loop {
+        let first = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = inner.stop_fetching.cancelled() => break,
+        };
+        first.forget();
+        let mut n = 1;
+        while n < batch {
+            match permits.try_acquire() {
+                Ok(p) => {
+                    p.forget();
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        let claimed = match claim(&inner, J::QUEUE, n).await {
+            Ok(rows) => {
+                failures = 0;
+                rows
+            }
+            Err(e) => {
+                // A lost connection must not end the worker: back off and claim again; jobs
+                // already running keep their leases through the heartbeat's own retries.
+                permits.add_permits(n);
+                failures = failures.saturating_add(1);
+                let delay = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                warn!(queue = J::QUEUE, error = ?e, retry_in_ms = delay.as_millis() as u64, "claim failed");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => continue,
+                    () = inner.stop_fetching.cancelled() => break,
+                }
+            }
+        };
+        let got = claimed.len();
+        if got < n {
+            permits.add_permits(n - got);
+        }
+        {
+            let mut inflight = inner.inflight.lock().expect("poisoned");
+            for row in &claimed {
+                inflight.insert(row.id, row.attempts);
+            }
+        }
+        for row in claimed {
+            let id = row.id;
+            match serde_json::from_value::<J>(row.payload) {
+                Ok(args) => {
+                    let task = TaskBuilder::new(args)
+                        .task_id(TaskId::Int(id as u64))
+                        .attempt(row.attempts as usize)
+                        .max_attempts(row.max_attempts as usize)
+                        .build();
+                    let mut task = task;
+                    task.inject_data(ClaimInfo {
+                        tenant: row.tenant_id.map(TenantId::from_uuid),
+                        max_attempts: row.max_attempts,
+                    });
+                    if tx.send(task).await.is_err() {
+                        // The apalis worker is gone; hand the rest back.
+                        let _ = release_jobs(&inner, &[(id, row.attempts)]).await;
+                        forget_inflight(&inner, id);
+                        permits.add_permits(1);
+                    }
+                }
+                Err(e) => {
+                    // A row we cannot decode is quarantined as dead; it must never stop the
+                    // queue for everyone else.
+                    error!(queue = J::QUEUE, job_id = id, error = %e, "poison job quarantined");
+                    let completion = Completion {
+                        id,
+                        attempt: row.attempts,
+                        outcome: Outcome::Dead,
+                        run_at: None,
+                        error: Some(format!("payload could not be decoded as {}: {e}", J::QUEUE)),
+                    };
+                    submit(&inner, completion).await;
+                    forget_inflight(&inner, id);
+                    permits.add_permits(1);
+                }
+            }
+        }
+        if got == 0 {
+            tokio::select! {
+                () = wake.notified() => {}
+                () = tokio::time::sleep(inner.settings.poll_interval) => {}
+                () = inner.stop_fetching.cancelled() => break,
+            }
+        }
+    }
+    debug!(queue = J::QUEUE, "fetcher stopped");
+}
+
+#[derive(Debug, Clone)]
+struct ClaimInfo {
+    tenant: Option<TenantId>,
+    max_attempts: i32,
+}
+
+fn forget_inflight(inner: &Inner, id: i64) {
+    let mut inflight = inner.inflight.lock().expect("poisoned");
+    inflight.remove(&id);
+    if inflight.is_empty() {
+        inner.inflight_drained.notify_waiters();
+    }
+}
+
+/// Hands a completion to the flusher and waits until it is durable; returns whether the
+/// compare-and-set matched (false: a newer execution owns the job).
+async fn submit(inner: &Inner, completion: Completion) -> bool {
+    let (tx, rx) = oneshot::channel();
+    if inner
+        .completions
+        .send(CompletionRequest {
+            completion,
+            applied: tx,
+        })
+        .is_err()
+    {
+        return false;
+    }
+    rx.await.unwrap_or(false)
+}
+
+async fn flush_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<CompletionRequest>) {
+    const MAX_BATCH: usize = 1000;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            () = inner.stop_background.cancelled() => {
+                // Drain what is already queued, then stop.
+                rx.try_recv().ok()
+            }
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut failures = 0u32;
+        let applied = loop {
+            match flush(&inner.pool, &batch).await {
+                Ok(applied) => break Some(applied),
+                Err(e) => {
+                    failures += 1;
+                    if failures > 3 && inner.stop_background.is_cancelled() {
+                        error!(error = ?e, "giving up flushing completions at shutdown; leases will expire and the jobs re-run");
+                        break None;
+                    }
+                    let delay = Duration::from_millis(50 * 2u64.pow(failures.min(7)));
+                    warn!(error = ?e, retry_in_ms = delay.as_millis() as u64, "completion flush failed");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        for req in batch.drain(..) {
+            let ok = applied
+                .as_ref()
+                .is_some_and(|a| a.contains(&req.completion.id));
+            let _ = req.applied.send(ok);
+        }
+    }
+}
+
+async fn flush(pool: &PgPool, batch: &[CompletionRequest]) -> Result<Vec<i64>, QueueError> {
+    let n = batch.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut refunds = Vec::with_capacity(n);
+    let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+    let mut errors: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    for req in batch {
+        let c = &req.completion;
+        ids.push(c.id);
+        attempts.push(c.attempt);
+        statuses.push(c.outcome.status());
+        refunds.push(i32::from(c.outcome == Outcome::Deferred));
+        run_ats.push(c.run_at);
+        errors.push(c.error.clone());
+        kinds.push(c.outcome.label());
+    }
+    sqlx::query_scalar(
+        "UPDATE queue_jobs j SET
+            status = c.status,
+            attempts = j.attempts - c.refund,
+            run_at = coalesce(c.run_at, j.run_at),
+            last_error = coalesce(c.error, j.last_error),
+            errors = CASE WHEN c.error IS NULL THEN j.errors
+                     ELSE j.errors || jsonb_build_array(jsonb_build_object(
+                        'attempt', j.attempts, 'at', now(), 'kind', c.kind, 'error', c.error)) END,
+            finished_at = CASE WHEN c.status IN ('done', 'dead') THEN now() END,
+            locked_by = NULL, lease_expires_at = NULL, updated_at = now()
+         FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[], $5::timestamptz[],
+                     $6::text[], $7::text[])
+              AS c(id, attempt, status, refund, run_at, error, kind)
+         WHERE j.id = c.id AND j.attempts = c.attempt AND j.status = 'running'
+         RETURNING j.id",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&statuses)
+    .bind(&refunds)
+    .bind(&run_ats)
+    .bind(&errors)
+    .bind(&kinds)
+    .fetch_all(pool)
+    .await
+    .ctx("complete")
+}
+
+async fn listen_loop(inner: Arc<Inner>) {
+    let mut failures = 0u32;
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&inner.pool).await?;
+            l.listen(NOTIFY_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            l = listener => match l {
+                Ok(l) => l,
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = ?e, "LISTEN connection failed; polling meanwhile");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(failures.min(5)))) => continue,
+                        () = inner.stop_background.cancelled() => return,
+                    }
+                }
+            },
+            () = inner.stop_background.cancelled() => return,
+        };
+        failures = 0;
+        // Anything published while we were not listening is lost: wake everyone once.
+        wake_all(&inner);
+        loop {
+            tokio::select! {
+                n = listener.recv() => match n {
+                    Ok(n) => {
+                        let waker = inner.wakers.lock().expect("poisoned").get(n.payload()).cloned();
+                        if let Some(w) = waker {
+                            w.notify_one();
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = ?e, "LISTEN connection lost; reconnecting");
+                        break;
+                    }
+                },
+                () = inner.stop_background.cancelled() => return,
+            }
+        }
+    }
+}
+
+fn wake_all(inner: &Inner) {
+    for w in inner.wakers.lock().expect("poisoned").values() {
+        w.notify_one();
+    }
+}
+
+async fn heartbeat_loop(inner: Arc<Inner>) {
+    let every = (inner.settings.lease / 3).max(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = inner.stop_background.cancelled() => return,
+        }
+        let ids: Vec<i64> = inner
+            .inflight
+            .lock()
+            .expect("poisoned")
+            .keys()
+            .copied()
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let renewed = sqlx::query(
+            "UPDATE queue_jobs SET lease_expires_at = now() + make_interval(secs => $2)
+             WHERE id = ANY($1) AND status = 'running' AND locked_by = $3",
+        )
+        .bind(&ids)
+        .bind(inner.settings.lease.as_secs_f64())
+        .bind(&*inner.worker_id)
+        .execute(&inner.pool)
+        .await;
+        if let Err(e) = renewed {
+            warn!(error = ?e, jobs = ids.len(), "lease renewal failed; will retry");
+        }
+    }
+}
+
+async fn reaper_loop(inner: Arc<Inner>) {
+    let every =
+        (inner.settings.lease / 4).clamp(Duration::from_millis(250), Duration::from_secs(15));
+    loop {
+        let jitter = Duration::from_millis(rand::random::<u64>() % 250);
+        tokio::select! {
+            () = tokio::time::sleep(every + jitter) => {}
+            () = inner.stop_background.cancelled() => return,
+        }
+        if let Err(e) = reap_expired(&inner.pool).await {
+            warn!(error = ?e, "reaper pass failed");
+        }
+    }
+}
+
+/// What apalis polls: tasks claimed by this process's fetcher for one queue.
+pub struct PgBackend<J> {
+    rx: mpsc::Receiver<Task<J>>,
+    _marker: PhantomData<J>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("queue backend error")]
+pub struct BackendError;
+
+impl<J: JobKind> Backend for PgBackend<J> {
+    type Task = Task<J>;
+    type Error = BackendError;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+        self.rx.poll_recv(cx).map(|t| t.map(Ok))
+    }
+
+    fn poll_close(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<J: JobKind> BackendConfig for PgBackend<J> {
+    type Args = J;
+    type Id = i64;
+    type Kind = Ephemeral;
+    type Config = ();
+    type Layer = tower::layer::util::Identity;
+
+    fn config(&self) -> &Self::Config {
+        &()
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
+        tower::layer::util::Identity::new()
+    }
+}
+
+/// What apalis calls for each task: runs the handler on its own tokio task (so a panic or a
+/// blocking handler cannot take the worker with it), under the job timeout, then records the
+/// outcome durably before freeing the slot.
+pub struct JobService<J, H> {
+    inner: Arc<Inner>,
+    permits: Arc<Semaphore>,
+    handler: H,
+    _marker: PhantomData<fn(J)>,
+}
+
+impl<J, H: Clone> Clone for JobService<J, H> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            permits: self.permits.clone(),
+            handler: self.handler.clone(),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<J: JobKind, H: JobHandler<J>> tower::Service<Task<J>> for JobService<J, H> {
+    type Response = ();
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<(), Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, task: Task<J>) -> Self::Future {
+        let id = match task.ctx().task_id() {
+            Some(TaskId::Int(id)) => *id as i64,
+            _ => -1,
+        };
+        let attempt = task.ctx().attempt() as i32;
+        let info = task.ctx().data().get::<ClaimInfo>().cloned();
+        let (args, _) = task.take();
+        let ctx = JobContext {
+            id: JobId::new(id),
+            attempt,
+            max_attempts: info.as_ref().map_or(1, |i| i.max_attempts),
+            tenant: info.and_then(|i| i.tenant),
+            worker_id: self.inner.worker_id.clone(),
+        };
+        let inner = self.inner.clone();
+        let permits = self.permits.clone();
+        let handler = self.handler.clone();
+        let span = info_span!("job", queue = J::QUEUE, job_id = id, attempt, tenant = ?ctx.tenant);
+        Box::pin(
+            async move {
+                let started = std::time::Instant::now();
+                let timeout = inner.settings.job_timeout;
+                let handler_ctx = ctx.clone();
+                let run = tokio::spawn(
+                    async move {
+                        AssertUnwindSafe(handler.handle(args, handler_ctx))
+                            .catch_unwind()
+                            .await
+                    }
+                    .in_current_span(),
+                );
+                let result = match tokio::time::timeout(timeout, run).await {
+                    Ok(Ok(Ok(r))) => r,
+                    Ok(Ok(Err(panic))) => Err(JobError::retry(format!(
+                        "handler panicked: {}",
+                        panic_message(&panic)
+                    ))),
+                    Ok(Err(join)) => Err(JobError::retry(format!("handler task failed: {join}"))),
+                    Err(_) => Err(JobError::retry(format!(
+                        "timed out after {} s",
+                        timeout.as_secs_f64()
+                    ))),
+                };
+                let completion = decide::<J>(id, &ctx, result);
+                let outcome = completion.outcome;
+                metrics::counter!("graphdesk_jobs_total", "queue" => J::QUEUE, "outcome" => outcome.label()).increment(1);
+                metrics::histogram!("graphdesk_job_duration_seconds", "queue" => J::QUEUE)
+                    .record(started.elapsed().as_secs_f64());
+                match outcome {
+                    Outcome::Done => debug!("job done"),
+                    Outcome::Deferred => info!(error = completion.error.as_deref(), "job deferred"),
+                    Outcome::Retry => warn!(error = completion.error.as_deref(), run_at = ?completion.run_at, "job failed; will retry"),
+                    Outcome::Dead => error!(error = completion.error.as_deref(), "job failed permanently"),
+                }
+                if !submit(&inner, completion).await {
+                    warn!("completion not applied: the job was recovered by another worker meanwhile");
+                }
+                forget_inflight(&inner, id);
+                permits.add_permits(1);
+                Ok(())
+            }
+            .instrument(span),
+        )
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into())
+}
+
+fn decide<J: JobKind>(id: i64, ctx: &JobContext, result: Result<(), JobError>) -> Completion {
+    let (outcome, run_at, error) = match result {
+        Ok(()) => (Outcome::Done, None, None),
+        Err(JobError::Permanent { reason }) => (Outcome::Dead, None, Some(reason)),
+        Err(JobError::Defer { until, reason }) => (Outcome::Deferred, Some(until), Some(reason)),
+        Err(JobError::Retryable { reason, after }) => {
+            if ctx.attempt >= ctx.max_attempts {
+                (
+                    Outcome::Dead,
+                    None,
+                    Some(format!("{reason} (gave up after {} attempts)", ctx.attempt)),
+                )
+            } else {
+                let backoff = J::retry_policy().delay(ctx.attempt.max(1) as u32);
+                let delay = after.map_or(backoff, |a| a.max(backoff));
+                let at = Utc::now()
+                    + chrono::Duration::from_std(delay)
+                        .unwrap_or_else(|_| chrono::Duration::hours(1));
+                (Outcome::Retry, Some(at), Some(reason))
+            }
+        }
+    };
+    Completion {
+        id,
+        attempt: ctx.attempt,
+        outcome,
+        run_at,
+        error,
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command (README's second command; .ci/run runs exactly this): formatting, lints and
+# the whole test suite against a real PostgreSQL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/pg-bootstrap.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build binaries used by the tests"
+cargo build --workspace --bins
+echo "== cargo test"
+cargo test --workspace
