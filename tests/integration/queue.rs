@@ -1,0 +1,620 @@
+//! Queue layer: each apalis-postgres defect the project measured is reproduced here against
+//! graphdesk's backend, plus limits, recovery and ops operations.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use graphdesk_tests::{TestDb, WorkerOptions, spawn_worker, wait_for_count};
+use jobs::config::QueueSettings;
+use jobs::ids::{AccountId, JobId, TenantId};
+use jobs::kinds::{Probe, SyncMailbox};
+use jobs::queue::{EnqueueOptions, JobFilter, JobStatus, Queue, enqueue_in};
+use nix::sys::signal::Signal;
+
+fn opts(f: impl FnOnce(&mut QueueSettings)) -> WorkerOptions {
+    let mut o = WorkerOptions::default();
+    f(&mut o.queue);
+    o
+}
+
+async fn job(queue: &Queue, id: JobId) -> jobs::queue::JobRecord {
+    queue.get_job(id).await.unwrap().expect("job exists")
+}
+
+async fn wait_status(
+    queue: &Queue,
+    id: JobId,
+    status: &str,
+    within: Duration,
+) -> jobs::queue::JobRecord {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let j = job(queue, id).await;
+        if j.status == status {
+            return j;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} never reached {status}: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn error_times(j: &jobs::queue::JobRecord) -> Vec<DateTime<Utc>> {
+    j.errors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["at"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_timed_out_run_is_a_failed_attempt_with_its_reason_and_is_retried() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let _w = spawn_worker(&db, opts(|q| q.job_timeout = Duration::from_secs(1))).await;
+    let probe = Probe {
+        sleep_ms: 5_000,
+        ..Probe::default()
+    };
+    let id = queue
+        .enqueue(&probe, EnqueueOptions::default().max_attempts(2))
+        .await
+        .unwrap()
+        .id;
+    let j = wait_status(&queue, id, "dead", Duration::from_secs(30)).await;
+    assert_eq!(j.attempts, 2);
+    let errors = j.errors.as_array().unwrap();
+    assert_eq!(errors.len(), 2, "{j:?}");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e["error"].as_str().unwrap().contains("timed out")),
+        "{j:?}"
+    );
+    assert!(j.last_error.unwrap().contains("gave up after 2 attempts"));
+}
+
+#[tokio::test]
+async fn a_panic_is_a_failed_attempt_and_the_retry_succeeds() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let _w = spawn_worker(&db, WorkerOptions::default()).await;
+    let probe = Probe {
+        panic_attempts: 1,
+        ..Probe::default()
+    };
+    let id = queue
+        .enqueue(&probe, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    let j = wait_status(&queue, id, "done", Duration::from_secs(30)).await;
+    assert_eq!(j.attempts, 2);
+    assert!(
+        j.errors[0]["error"].as_str().unwrap().contains("panicked"),
+        "{j:?}"
+    );
+}
+
+#[tokio::test]
+async fn deferral_moves_run_at_and_spends_no_attempt() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let _w = spawn_worker(&db, WorkerOptions::default()).await;
+    let probe = Probe {
+        defer_times: 3,
+        defer_ms: 400,
+        ..Probe::default()
+    };
+    let id = queue
+        .enqueue(&probe, EnqueueOptions::default().max_attempts(1))
+        .await
+        .unwrap()
+        .id;
+    let j = wait_status(&queue, id, "done", Duration::from_secs(30)).await;
+    assert_eq!(
+        j.attempts, 1,
+        "three deferrals spent no attempt (max_attempts is 1)"
+    );
+    let times = error_times(&j);
+    assert_eq!(times.len(), 3);
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= chrono::Duration::milliseconds(350),
+            "deferral honoured run_at: {gap}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retries_back_off_between_attempts() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let _w = spawn_worker(&db, WorkerOptions::default()).await;
+    let probe = Probe {
+        fail_attempts: 3,
+        ..Probe::default()
+    };
+    let id = queue
+        .enqueue(&probe, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    let j = wait_status(&queue, id, "done", Duration::from_secs(30)).await;
+    assert_eq!(j.attempts, 4);
+    let times = error_times(&j);
+    // Probe's policy: base 200 ms, so attempt n waits at least 100 ms * 2^(n-1).
+    let gaps: Vec<i64> = times
+        .windows(2)
+        .map(|p| (p[1] - p[0]).num_milliseconds())
+        .collect();
+    assert!(gaps[0] >= 200, "second retry waited: {gaps:?}");
+    assert!(gaps[1] >= 400, "third retry waited longer: {gaps:?}");
+}
+
+#[tokio::test]
+async fn a_permanent_error_is_dead_at_once() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let _w = spawn_worker(&db, WorkerOptions::default()).await;
+    let probe = Probe {
+        permanent_failure: true,
+        ..Probe::default()
+    };
+    let id = queue
+        .enqueue(&probe, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    let j = wait_status(&queue, id, "dead", Duration::from_secs(30)).await;
+    assert_eq!(j.attempts, 1);
+    assert_eq!(
+        j.last_error.as_deref(),
+        Some("probe asked to fail permanently")
+    );
+}
+
+#[tokio::test]
+async fn a_worker_with_short_settings_does_not_steal_a_live_workers_job() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let _patient = spawn_worker(&db, opts(|q| q.lease = Duration::from_secs(30))).await;
+    let id = queue
+        .enqueue(
+            &Probe {
+                sleep_ms: 4_000,
+                record: true,
+                ..Probe::default()
+            },
+            EnqueueOptions::default(),
+        )
+        .await
+        .unwrap()
+        .id;
+    wait_status(&queue, id, "running", Duration::from_secs(10)).await;
+    // This worker reaps every ~250 ms with a 1 s lease of its own; the running job's lease
+    // was written by its owner and is renewed, so it must not be taken.
+    let _eager = spawn_worker(&db, opts(|q| q.lease = Duration::from_secs(1))).await;
+    let j = wait_status(&queue, id, "done", Duration::from_secs(30)).await;
+    assert_eq!(j.attempts, 1, "{j:?}");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_probe_runs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 1, "the job ran exactly once");
+}
+
+#[tokio::test]
+async fn a_long_job_keeps_its_lease_through_heartbeats() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    // Lease 1 s, job 4 s: without renewal the reaper would hand it to the second worker.
+    let _a = spawn_worker(&db, opts(|q| q.lease = Duration::from_secs(1))).await;
+    let _b = spawn_worker(&db, opts(|q| q.lease = Duration::from_secs(1))).await;
+    let id = queue
+        .enqueue(
+            &Probe {
+                sleep_ms: 4_000,
+                record: true,
+                ..Probe::default()
+            },
+            EnqueueOptions::default(),
+        )
+        .await
+        .unwrap()
+        .id;
+    let j = wait_status(&queue, id, "done", Duration::from_secs(30)).await;
+    assert_eq!(j.attempts, 1, "{j:?}");
+}
+
+#[test]
+fn worker_names_are_unique_per_process_start() {
+    let a = jobs::queue::runtime::unique_worker_id("w");
+    let b = jobs::queue::runtime::unique_worker_id("w");
+    assert_ne!(a, b);
+    assert!(a.contains(&std::process::id().to_string()));
+}
+
+#[tokio::test]
+async fn a_worker_survives_losing_its_database_connections() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let _w = spawn_worker(&db, WorkerOptions::default()).await;
+    let first = queue
+        .enqueue(&Probe::default(), EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    wait_status(&queue, first, "done", Duration::from_secs(30)).await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = 'graphdesk-worker') t",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(killed >= 1, "the worker's connections were cut");
+    let second = queue
+        .enqueue(&Probe::default(), EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    wait_status(&queue, second, "done", Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn a_poison_row_is_quarantined_and_the_queue_goes_on() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let poison: i64 = sqlx::query_scalar(
+        "INSERT INTO queue_jobs (queue, payload, max_attempts)
+         VALUES ('graphdesk.probe', '{\"sleep_ms\": \"not a number\"}', 5) RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let good = queue
+        .enqueue(&Probe::default(), EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    let _w = spawn_worker(&db, WorkerOptions::default()).await;
+    wait_status(&queue, good, "done", Duration::from_secs(30)).await;
+    let p = wait_status(&queue, JobId::new(poison), "dead", Duration::from_secs(30)).await;
+    assert!(p.last_error.unwrap().contains("could not be decoded"));
+}
+
+#[tokio::test]
+async fn enqueue_returns_ids_and_duplicate_keys_return_the_existing_job() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let a = queue
+        .enqueue(
+            &Probe::default(),
+            EnqueueOptions::default().idempotency_key("k1"),
+        )
+        .await
+        .unwrap();
+    let b = queue
+        .enqueue(
+            &Probe::default(),
+            EnqueueOptions::default().idempotency_key("k1"),
+        )
+        .await
+        .unwrap();
+    assert!(a.created && !b.created);
+    assert_eq!(a.id, b.id);
+    let c = queue
+        .enqueue(
+            &Probe::default(),
+            EnqueueOptions::default().idempotency_key("k2"),
+        )
+        .await
+        .unwrap();
+    assert_ne!(c.id, a.id);
+
+    // Coalescing: one pending sync per account and folder.
+    let tenant = db.create_tenant("t").await;
+    let account = AccountId::new();
+    let sync = SyncMailbox {
+        tenant,
+        account,
+        folder: "inbox".into(),
+    };
+    let s1 = queue
+        .enqueue(&sync, EnqueueOptions::default())
+        .await
+        .unwrap();
+    let s2 = queue
+        .enqueue(&sync, EnqueueOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s1.id, s2.id);
+    assert!(!s2.created);
+    let other = SyncMailbox {
+        folder: "archive".into(),
+        ..sync.clone()
+    };
+    assert_ne!(
+        queue
+            .enqueue(&other, EnqueueOptions::default())
+            .await
+            .unwrap()
+            .id,
+        s1.id
+    );
+
+    // Enqueue inside the caller's transaction: a rollback leaves no job.
+    let mut tx = db.pool.begin().await.unwrap();
+    let inside = enqueue_in(
+        &mut tx,
+        &Probe::default(),
+        EnqueueOptions::default().idempotency_key("tx"),
+    )
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    assert!(queue.get_job(inside.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn concurrent_duplicate_enqueues_create_one_job() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let mut handles = Vec::new();
+    for _ in 0..20 {
+        let q = queue.clone();
+        handles.push(tokio::spawn(async move {
+            q.enqueue(
+                &Probe::default(),
+                EnqueueOptions::default().idempotency_key("same"),
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for h in handles {
+        let e = h.await.unwrap();
+        ids.insert(e.id);
+        created += usize::from(e.created);
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(created, 1);
+}
+
+#[tokio::test]
+async fn kill_9_mid_run_recovers_every_job_within_the_lease() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let lease = |q: &mut QueueSettings| q.lease = Duration::from_secs(2);
+    let mut victim = spawn_worker(&db, opts(lease)).await;
+    let probes: Vec<Probe> = (0..30)
+        .map(|_| Probe {
+            sleep_ms: 1_500,
+            record: true,
+            ..Probe::default()
+        })
+        .collect();
+    queue.enqueue_batch(&probes).await.unwrap();
+    wait_for_count(
+        &db.pool,
+        "SELECT least(count(*), 1) FROM queue_jobs WHERE status = 'running'",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    victim.signal(Signal::SIGKILL);
+    victim.wait_exit(Duration::from_secs(10)).await;
+    let killed_at = tokio::time::Instant::now();
+    let _survivor = spawn_worker(&db, opts(lease)).await;
+    wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        30,
+        Duration::from_secs(60),
+    )
+    .await;
+    let runs: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT job_id, count(*) FROM queue_probe_runs GROUP BY job_id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(runs.len(), 30, "no job lost");
+    assert!(
+        runs.iter().all(|(_, n)| *n == 1),
+        "no job's effect committed twice: {runs:?}"
+    );
+    let recovered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM queue_jobs, jsonb_array_elements(errors) e WHERE e->>'kind' = 'lease_expired'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        recovered >= 1,
+        "the killed worker's jobs came back through the reaper"
+    );
+    assert!(killed_at.elapsed() < Duration::from_secs(60));
+}
+
+/// The maximum number of overlapping probe runs per tenant.
+async fn max_concurrency_per_tenant(pool: &sqlx::PgPool) -> Vec<(uuid::Uuid, i64)> {
+    sqlx::query_as(
+        "WITH events AS (
+            SELECT tenant_id, started_at AS at, 1 AS delta FROM queue_probe_runs
+            UNION ALL
+            SELECT tenant_id, finished_at AS at, -1 AS delta FROM queue_probe_runs
+         ), running AS (
+            SELECT tenant_id, sum(delta) OVER (PARTITION BY tenant_id ORDER BY at, delta
+                                               ROWS UNBOUNDED PRECEDING) AS n
+            FROM events
+         )
+         SELECT tenant_id, max(n)::bigint FROM running GROUP BY tenant_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn tenant_limits_hold_across_three_worker_processes() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let mut tenants = Vec::new();
+    for i in 0..50 {
+        tenants.push(db.create_tenant(&format!("tenant-{i}")).await);
+    }
+    let limited = |q: &mut QueueSettings| q.tenant_concurrency = Some(2);
+    let _w1 = spawn_worker(&db, opts(limited)).await;
+    let _w2 = spawn_worker(&db, opts(limited)).await;
+    let _w3 = spawn_worker(&db, opts(limited)).await;
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let probes: Vec<Probe> = (0..5000)
+        .map(|i| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            Probe {
+                tenant: Some(tenants[(seed % 50) as usize]),
+                sleep_ms: seed % 15,
+                record: true,
+                marker: Some(i.to_string()),
+                ..Probe::default()
+            }
+        })
+        .collect();
+    for chunk in probes.chunks(1000) {
+        queue.enqueue_batch(chunk).await.unwrap();
+    }
+    wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        5000,
+        Duration::from_secs(240),
+    )
+    .await;
+    let (runs, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT job_id) FROM queue_probe_runs")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (runs, distinct),
+        (5000, 5000),
+        "every job completed exactly once"
+    );
+    let maxes = max_concurrency_per_tenant(&db.pool).await;
+    assert_eq!(maxes.len(), 50);
+    let worst = maxes.iter().map(|(_, n)| *n).max().unwrap();
+    assert!(
+        worst <= 2,
+        "a tenant ran more than 2 jobs at once: {maxes:?}"
+    );
+    assert_eq!(
+        worst, 2,
+        "the limit, not a lack of work, bounded concurrency"
+    );
+}
+
+#[tokio::test]
+async fn a_per_tenant_override_beats_the_default() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let tenant = db.create_tenant("one-at-a-time").await;
+    sqlx::query("UPDATE tenants SET concurrency_limit = 1 WHERE id = $1")
+        .bind(tenant.as_uuid())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let _w = spawn_worker(&db, opts(|q| q.tenant_concurrency = Some(8))).await;
+    let probes: Vec<Probe> = (0..20)
+        .map(|_| Probe {
+            tenant: Some(tenant),
+            sleep_ms: 50,
+            record: true,
+            ..Probe::default()
+        })
+        .collect();
+    queue.enqueue_batch(&probes).await.unwrap();
+    wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        20,
+        Duration::from_secs(60),
+    )
+    .await;
+    let maxes = max_concurrency_per_tenant(&db.pool).await;
+    assert_eq!(maxes, vec![(tenant.as_uuid(), 1)]);
+}
+
+#[tokio::test]
+async fn ops_can_list_retry_cancel_and_purge() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let tenant = db.create_tenant("t").await;
+    let failing: Vec<Probe> = (0..3)
+        .map(|_| Probe {
+            tenant: Some(tenant),
+            permanent_failure: true,
+            ..Probe::default()
+        })
+        .collect();
+    let dead = queue.enqueue_batch(&failing).await.unwrap();
+    let w = spawn_worker(&db, WorkerOptions::default()).await;
+    for id in &dead {
+        wait_status(&queue, *id, "dead", Duration::from_secs(30)).await;
+    }
+    drop(w);
+    let filter = JobFilter {
+        status: Some(JobStatus::Dead),
+        tenant: Some(tenant),
+        error_contains: Some("PERMANENTLY".into()),
+        limit: 50,
+        ..JobFilter::default()
+    };
+    let listed = queue.list_jobs(&filter).await.unwrap();
+    assert_eq!(listed.len(), 3, "error text matches case-insensitively");
+    assert!(
+        queue
+            .list_jobs(&JobFilter {
+                tenant: Some(TenantId::new()),
+                limit: 50,
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    assert!(queue.retry_job(dead[0]).await.unwrap());
+    assert!(
+        !queue.retry_job(dead[0]).await.unwrap(),
+        "a pending job is not retried twice"
+    );
+    let j = job(&queue, dead[0]).await;
+    assert_eq!((j.status.as_str(), j.attempts), ("pending", 0));
+    assert_eq!(j.errors.as_array().unwrap().len(), 1, "history kept");
+    assert_eq!(queue.retry_matching(&filter).await.unwrap(), 2);
+
+    assert!(queue.cancel_job(dead[1]).await.unwrap());
+    assert_eq!(job(&queue, dead[1]).await.status, "cancelled");
+
+    sqlx::query("UPDATE queue_jobs SET finished_at = now() - interval '8 days' WHERE id = $1")
+        .bind(dead[1].get())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let purged = queue
+        .purge_finished(Utc::now() - chrono::Duration::days(7))
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert!(queue.get_job(dead[1]).await.unwrap().is_none());
+    assert!(queue.get_job(dead[2]).await.unwrap().is_some());
+}
