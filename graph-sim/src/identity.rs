@@ -88,7 +88,7 @@ async fn authorize(sim: &GraphSim, req: &SimRequest, ctx: &Ctx, tenant: &str) ->
         return out;
     }
     let redirect_uri = get("redirect_uri").to_string();
-    if !st.cfg.redirect_uris.iter().any(|r| *r == redirect_uri) {
+    if !st.cfg.redirect_uris.contains(&redirect_uri) {
         out.resp = error_page(
             400,
             50011,

@@ -404,7 +404,7 @@ impl GraphSim {
             .in_folder(&fid)
             .map(|m| st.sim_message(&u.mailbox, m))
             .collect();
-        v.sort_by(|a, b| b.received.cmp(&a.received));
+        v.sort_by_key(|m| std::cmp::Reverse(m.received));
         v
     }
 

@@ -15,6 +15,9 @@ use crate::odata::parse_datetime;
 use crate::server::{Ctx, SimRequest, SimResponse, split_path};
 use crate::state::{AccessGrant, Outgoing, Phase, Subscription, fmt_dt_offset};
 
+/// Items, change types and lifecycle event of one POST.
+type Batch = (Vec<Value>, Vec<String>, Option<String>);
+
 /// Background loop: makes late Sent Items copies visible and posts queued notifications.
 pub(crate) async fn pump(sim: GraphSim, mut stop: watch::Receiver<bool>) {
     loop {
@@ -32,8 +35,7 @@ pub(crate) async fn pump(sim: GraphSim, mut stop: watch::Receiver<bool>) {
             continue;
         }
         // Graph batches several changes of one subscription into one POST.
-        let mut batches: BTreeMap<(String, String), (Vec<Value>, Vec<String>, Option<String>)> =
-            BTreeMap::new();
+        let mut batches: BTreeMap<(String, String), Batch> = BTreeMap::new();
         for o in outgoing {
             match o {
                 Outgoing::Change {

@@ -554,14 +554,11 @@ impl GraphSim {
                     }
                 }
             }
-            FaultKind::DeltaEviction => {
+            FaultKind::DeltaEviction
                 if req.path.ends_with("/delta")
-                    && (req.query.contains("deltatoken") || req.query.contains("skiptoken"))
-                {
-                    sync_state_not_found(ctx)
-                } else {
-                    return Ok(());
-                }
+                    && (req.query.contains("deltatoken") || req.query.contains("skiptoken")) =>
+            {
+                sync_state_not_found(ctx)
             }
             _ => return Ok(()),
         };

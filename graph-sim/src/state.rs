@@ -1401,7 +1401,12 @@ pub(crate) fn fmt_dt(d: DateTime<Utc>) -> String {
 }
 
 pub(crate) fn fmt_dt_offset(d: DateTime<Utc>) -> String {
-    d.format("%Y-%m-%dT%H:%M:%S%.7f+00:00").to_string()
+    // Graph writes 7 fractional digits, which chrono has no specifier for.
+    format!(
+        "{}.{:07}+00:00",
+        d.format("%Y-%m-%dT%H:%M:%S"),
+        d.timestamp_subsec_nanos() / 100
+    )
 }
 
 fn change_item(
