@@ -1,34 +1,5 @@
 //! `/_sim` JSON control API: the same operations as the Rust methods on [`GraphSim`].
-//!
-//! | method | path | body → answer |
-//! |---|---|---|
-//! | GET | `/_sim/health` | → `{"ok":true}` |
-//! | POST | `/_sim/tenants` | `{domain, display_name?}` → SimTenant |
-//! | GET | `/_sim/tenants` | → [SimTenant] |
-//! | POST | `/_sim/users` | `{tenant, upn, display_name, shared?}` → SimUser |
-//! | GET | `/_sim/users` | → [SimUser] |
-//! | POST | `/_sim/users/{user}/grant` | `{delegate}` → 204 |
-//! | POST | `/_sim/users/{user}/folders` | `{parent?, name}` → `{id}` |
-//! | POST | `/_sim/users/{user}/deliver` | InboundMail → DeliveredMessage |
-//! | GET | `/_sim/users/{user}/folders/{folder}/messages` | → [SimMessage] |
-//! | GET | `/_sim/users/{user}/sent-items` | → [SimMessage] |
-//! | POST | `/_sim/users/{user}/messages/{id}/move` | `{destination}` → MessageRef |
-//! | POST | `/_sim/users/{user}/messages/{id}/read` | `{read}` → 204 |
-//! | DELETE | `/_sim/users/{user}/messages/{id}` | → 204 |
-//! | POST | `/_sim/users/{user}/revoke` | `{aadsts}` → 204 |
-//! | POST | `/_sim/users/{user}/expire-tokens` | → 204 |
-//! | POST | `/_sim/users/{user}/tokens` | `{scopes:[..]}` → TokenResponse |
-//! | POST | `/_sim/users/{user}/evict-delta` | → 204 |
-//! | POST | `/_sim/users/{user}/generate` | GeneratorSpec → GeneratedSummary |
-//! | POST | `/_sim/login-user` | `{user}` → 204 |
-//! | POST | `/_sim/faults` | FaultRule → `{id}` |
-//! | GET | `/_sim/faults` | → [{id, rule}] |
-//! | DELETE | `/_sim/faults` / `/_sim/faults/{id}` | → 204 |
-//! | POST | `/_sim/settings` | `{access_token_lifetime_secs?, auto_consent?, sent_items_delay_ms?}` → 204 |
-//! | POST | `/_sim/clock/advance` | `{seconds}` → 204 |
-//! | GET | `/_sim/subscriptions` | → [SimSubscription] |
-//! | POST | `/_sim/subscriptions/{id}/lifecycle` | `{event: reauthorizationRequired\|subscriptionRemoved\|missed}` → 204 |
-//! | GET | `/_sim/stats`, `/_sim/sends`, `/_sim/log`, `/_sim/notifications` | → figures |
+//! The route table is in the crate docs.
 
 use std::time::Duration as StdDuration;
 

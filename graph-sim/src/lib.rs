@@ -9,6 +9,51 @@
 //! It follows the project's Graph contract (paths, JSON shapes, error bodies, paging, delta,
 //! throttling, token expiry). Use it in-process ([`GraphSim::start`]) or as the `graph-sim` binary.
 //!
+//! ## Graph routes (`/me/...` and `/users/{id|UPN}/...` alike)
+//! `GET /me`, `GET /users`; `GET|POST mailFolders`, `GET mailFolders/{id}`,
+//! `GET|POST mailFolders/{id}/childFolders`; `GET mailFolders/{id}/messages` (`$top`, `$skip`,
+//! `$select`, `$filter`, `$orderby`, `$count`), `GET mailFolders/{id}/messages/delta`;
+//! `GET|POST messages`, `GET|PATCH|DELETE messages/{id}`, `GET messages/{id}/$value`,
+//! `GET|POST messages/{id}/attachments`, `GET messages/{id}/attachments/{id}`,
+//! `POST messages/{id}/{createReply|createReplyAll|createForward|reply|replyAll|forward|send|move|copy}`,
+//! `POST sendMail`; `POST /$batch`; `GET|POST /subscriptions`, `GET|PATCH|DELETE /subscriptions/{id}`,
+//! `POST /subscriptions/{id}/reauthorize`.
+//!
+//! ## Control API (`/_sim`, JSON, no auth)
+//! Bodies use the serde form of the types in this crate (snake_case fields).
+//! A fault: `{"kind": {"type": "too_many_requests", "retry_after": "2.128"}, "mailbox": "a@b.com",
+//! "path_contains": "/messages", "method": "GET", "count": 1, "probability": 0.5}`.
+//!
+//! | method | path | body → answer |
+//! |---|---|---|
+//! | GET | `/_sim/health` | → `{"ok":true}` |
+//! | POST | `/_sim/tenants` | `{domain, display_name?}` → SimTenant |
+//! | GET | `/_sim/tenants` | → [SimTenant] |
+//! | POST | `/_sim/users` | `{tenant, upn, display_name, shared?}` → SimUser |
+//! | GET | `/_sim/users` | → [SimUser] |
+//! | POST | `/_sim/users/{user}/grant` | `{delegate}` → 204 |
+//! | POST | `/_sim/users/{user}/folders` | `{parent?, name}` → `{id}` |
+//! | POST | `/_sim/users/{user}/deliver` | InboundMail → DeliveredMessage |
+//! | GET | `/_sim/users/{user}/folders/{folder}/messages` | → [SimMessage] |
+//! | GET | `/_sim/users/{user}/sent-items` | → [SimMessage] |
+//! | POST | `/_sim/users/{user}/messages/{id}/move` | `{destination}` → MessageRef |
+//! | POST | `/_sim/users/{user}/messages/{id}/read` | `{read}` → 204 |
+//! | DELETE | `/_sim/users/{user}/messages/{id}` | → 204 |
+//! | POST | `/_sim/users/{user}/revoke` | `{aadsts}` → 204 |
+//! | POST | `/_sim/users/{user}/expire-tokens` | → 204 |
+//! | POST | `/_sim/users/{user}/tokens` | `{scopes:[..]}` → TokenResponse |
+//! | POST | `/_sim/users/{user}/evict-delta` | → 204 |
+//! | POST | `/_sim/users/{user}/generate` | GeneratorSpec → GeneratedSummary |
+//! | POST | `/_sim/login-user` | `{user}` → 204 |
+//! | POST | `/_sim/faults` | FaultRule → `{id}` |
+//! | GET | `/_sim/faults` | → [{id, rule}] |
+//! | DELETE | `/_sim/faults` / `/_sim/faults/{id}` | → 204 |
+//! | POST | `/_sim/settings` | `{access_token_lifetime_secs?, auto_consent?, sent_items_delay_ms?}` → 204 |
+//! | POST | `/_sim/clock/advance` | `{seconds}` → 204 |
+//! | GET | `/_sim/subscriptions` | → [SimSubscription] |
+//! | POST | `/_sim/subscriptions/{id}/lifecycle` | `{event: reauthorizationRequired\|subscriptionRemoved\|missed}` → 204 |
+//! | GET | `/_sim/stats`, `/_sim/sends`, `/_sim/log`, `/_sim/notifications` | → figures |
+//!
 //! ## Choices where the contract is silent or marked UNCONFIRMED
 //! - Shared mailboxes: no endpoint lists them. A user reaches another mailbox only after
 //!   [`GraphSim::grant_mailbox_access`] and with a `.Shared` scope; otherwise 403
@@ -30,9 +75,14 @@
 //!   Message-ID/In-Reply-To/References headers.
 //! - `DELETE /messages/{id}` is a hard delete (no Deleted Items copy); use `/move` to soft-delete.
 //! - Subscription validation: the token looks like Graph's ("Validation: Testing client
-//!   application reachability for subscription Request-Id: <guid>") and is form-encoded
+//!   application reachability for subscription Request-Id: {guid}") and is form-encoded
 //!   (spaces as `+`). Failure or time-out = 400 `ValidationError`. `http://` notification URLs are
 //!   accepted (real Graph wants https). Notifications are retried 3 times on 5xx/transport errors.
+//! - Notifications carry immutable ids when the subscription was created with
+//!   `Prefer: IdType="ImmutableId"`; several changes of one subscription share one POST.
+//! - Time: tests shorten expiries with [`SimConfig`] lifetimes, [`GraphSim::advance_clock`]
+//!   (moves the simulator clock for tokens, codes, subscriptions and late Sent Items) or
+//!   [`GraphSim::expire_access_tokens`], instead of sleeping.
 //! - Token endpoint: unknown code or refresh token = `invalid_grant` AADSTS9002313; redirect_uri
 //!   different from the authorize request = `invalid_grant` AADSTS50011; a PKCE mismatch also
 //!   consumes the code. Refresh tokens are rotated on every refresh; old ones stay valid until

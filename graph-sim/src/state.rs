@@ -146,6 +146,8 @@ pub(crate) struct Mailbox {
     pub folders: Vec<Folder>,
     pub msgs: BTreeMap<u64, Msg>,
     pub ids: HashMap<String, u64>,
+    /// internetMessageId -> newest message carrying it; threading lookups on big mailboxes.
+    pub imids: HashMap<String, u64>,
     pub next_seq: u64,
     pub clock: u64,
     pub delta: HashMap<String, FolderDelta>,
@@ -188,6 +190,7 @@ impl Mailbox {
         let seq = self.next_seq;
         self.ids.insert(msg.id.clone(), seq);
         self.ids.insert(msg.immutable_id.clone(), seq);
+        self.imids.insert(msg.internet_message_id.clone(), seq);
         self.msgs.insert(seq, msg);
         seq
     }
@@ -195,13 +198,16 @@ impl Mailbox {
         let m = self.msgs.remove(&seq)?;
         self.ids.remove(&m.id);
         self.ids.remove(&m.immutable_id);
+        if self.imids.get(&m.internet_message_id) == Some(&seq) {
+            self.imids.remove(&m.internet_message_id);
+        }
         Some(m)
     }
     pub fn in_folder<'a>(&'a self, folder_id: &'a str) -> impl Iterator<Item = &'a Msg> + 'a {
         self.msgs.values().filter(move |m| m.folder_id == folder_id)
     }
     pub fn by_internet_id(&self, imid: &str) -> Option<&Msg> {
-        self.msgs.values().find(|m| m.internet_message_id == imid)
+        self.imids.get(imid).and_then(|s| self.msgs.get(s))
     }
 }
 
