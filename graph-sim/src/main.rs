@@ -49,8 +49,8 @@ struct Args {
     /// Base URL written into nextLink/deltaLink instead of the request's Host.
     #[arg(long)]
     public_base_url: Option<String>,
-    /// Seed demo data: tenant `contoso.onmicrosoft.com` with users `support@` (shared help desk
-    /// inbox, also able to sign in), `agent@` and `customer@example.com`-style senders.
+    /// Seed demo data: tenant --demo-tenant with users `support@` (the help-desk mailbox, signed
+    /// in by default at authorize, filled by the mail generator) and `agent@`.
     #[arg(long)]
     demo: bool,
     /// Tenant domain for --demo.
