@@ -22,6 +22,84 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+/// The OAuth app the tests register in graph-sim, and the redirect URI graphdesk uses.
+pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
+pub const CLIENT_SECRET: &str = "test-client-secret";
+
+/// One keyring for the whole test run, shared by the in-process api and worker processes.
+pub fn test_keyring() -> &'static str {
+    static KEYRING: OnceLock<String> = OnceLock::new();
+    KEYRING.get_or_init(|| format!("test1:{}", jobs::vault::TokenVault::generate_key()))
+}
+
+/// Where graphdesk reaches Microsoft in a test: a graph-sim, or an address nothing listens on.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub graph_base_url: String,
+    pub identity_base_url: String,
+    pub redirect_uri: String,
+}
+
+impl Endpoints {
+    pub fn unreachable() -> Self {
+        Self {
+            graph_base_url: "http://127.0.0.1:9/v1.0".into(),
+            identity_base_url: "http://127.0.0.1:9".into(),
+            redirect_uri: "http://127.0.0.1:9/oauth/callback".into(),
+        }
+    }
+
+    pub fn sim(sim: &graph_sim::GraphSim, redirect_uri: &str) -> Self {
+        Self {
+            graph_base_url: sim.graph_base_url(),
+            identity_base_url: sim.base_url(),
+            redirect_uri: redirect_uri.to_string(),
+        }
+    }
+
+    pub fn integration(&self) -> jobs::services::IntegrationSettings {
+        jobs::services::IntegrationSettings {
+            graph_base_url: self.graph_base_url.clone(),
+            identity_base_url: self.identity_base_url.clone(),
+            client_id: CLIENT_ID.into(),
+            client_secret: SecretString::from(CLIENT_SECRET),
+            redirect_uri: self.redirect_uri.parse().expect("redirect uri"),
+            authority: jobs::graph::TenantSegment::organizations(),
+            keyring: SecretString::from(test_keyring()),
+            mailbox_concurrency: 4,
+            mailbox_budget_per_10_min: 10_000,
+        }
+    }
+
+    pub fn services(&self, pool: &PgPool) -> jobs::services::Services {
+        jobs::services::Services::new(pool.clone(), &self.integration()).expect("services")
+    }
+
+    /// The same settings as environment variables, for worker processes.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("GRAPH_BASE_URL".into(), self.graph_base_url.clone()),
+            ("IDENTITY_BASE_URL".into(), self.identity_base_url.clone()),
+            ("OAUTH_REDIRECT_URI".into(), self.redirect_uri.clone()),
+            ("OAUTH_CLIENT_ID".into(), CLIENT_ID.into()),
+            ("OAUTH_CLIENT_SECRET".into(), CLIENT_SECRET.into()),
+            ("OAUTH_AUTHORITY".into(), "organizations".into()),
+            ("TOKEN_ENCRYPTION_KEYS".into(), test_keyring().into()),
+        ]
+    }
+}
+
+/// A graph-sim on port 0 with graphdesk's test app registered (redirect URI included).
+pub async fn spawn_sim(redirect_uri: &str, tweak: impl FnOnce(&mut graph_sim::SimConfig)) -> graph_sim::GraphSim {
+    let mut config = graph_sim::SimConfig {
+        client_id: CLIENT_ID.into(),
+        client_secret: CLIENT_SECRET.into(),
+        redirect_uris: vec![redirect_uri.to_string()],
+        ..graph_sim::SimConfig::default()
+    };
+    tweak(&mut config);
+    graph_sim::GraphSim::start(config).await.expect("graph-sim starts")
+}
 
 pub fn init_logs() {
     static ONCE: Once = Once::new();
@@ -128,6 +206,7 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub jwt: JwtConfig,
+    pub endpoints: Endpoints,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -142,12 +221,29 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_on(db: TestDb) -> TestApp {
-    let jwt = JwtConfig::new(SecretString::from(JWT_SECRET), "graphdesk", "graphdesk-api");
-    let state = AppState::new(db.pool.clone(), jwt.clone(), Limits::default());
     let acceptor = TcpListener::bind("127.0.0.1:0")
         .into_acceptor()
         .await
         .expect("bind api");
+    serve_app(db, acceptor, Endpoints::unreachable()).await
+}
+
+/// Binds the api's port first, so the redirect URI registered in graph-sim can name it.
+pub async fn bind_api() -> (poem::listener::TcpAcceptor, String) {
+    let acceptor = TcpListener::bind("127.0.0.1:0")
+        .into_acceptor()
+        .await
+        .expect("bind api");
+    let addr = acceptor.local_addr()[0]
+        .as_socket_addr()
+        .copied()
+        .expect("tcp address");
+    (acceptor, format!("http://{addr}"))
+}
+
+pub async fn serve_app(db: TestDb, acceptor: poem::listener::TcpAcceptor, endpoints: Endpoints) -> TestApp {
+    let jwt = JwtConfig::new(SecretString::from(JWT_SECRET), "graphdesk", "graphdesk-api");
+    let state = AppState::new(endpoints.services(&db.pool), jwt.clone(), Limits::default());
     let addr = acceptor.local_addr()[0]
         .as_socket_addr()
         .copied()
@@ -159,8 +255,12 @@ pub async fn spawn_app_on(db: TestDb) -> TestApp {
     TestApp {
         db,
         address: format!("http://{addr}"),
-        client: reqwest::Client::new(),
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client"),
         jwt,
+        endpoints,
         server,
     }
 }
@@ -258,6 +358,7 @@ impl Drop for WorkerProcess {
 
 pub struct WorkerOptions {
     pub queue: QueueSettings,
+    pub endpoints: Endpoints,
     pub shutdown_grace_secs: u64,
     pub extra_env: Vec<(String, String)>,
 }
@@ -270,6 +371,7 @@ impl Default for WorkerOptions {
                 lease: Duration::from_secs(5),
                 ..QueueSettings::default()
             },
+            endpoints: Endpoints::unreachable(),
             shutdown_grace_secs: 20,
             extra_env: Vec::new(),
         }
@@ -314,7 +416,7 @@ pub async fn spawn_worker(db: &TestDb, opts: WorkerOptions) -> WorkerProcess {
             Stdio::null()
         })
         .kill_on_drop(true);
-    for (k, v) in &opts.extra_env {
+    for (k, v) in opts.endpoints.env().iter().chain(&opts.extra_env) {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("spawn worker");

@@ -8,6 +8,7 @@ pub mod routes;
 use std::time::Duration;
 
 use jobs::queue::Queue;
+use jobs::services::Services;
 use poem::http::StatusCode;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 use poem_openapi::OpenApiService;
@@ -15,6 +16,7 @@ use sqlx::PgPool;
 
 use crate::auth::JwtConfig;
 use crate::error::{ErrorBody, REQUEST_ID};
+use crate::routes::oauth::OAuthApi;
 use crate::routes::{
     accounts::AccountsApi, health::HealthApi, jobs_api::JobsApi, tickets::TicketsApi,
 };
@@ -57,21 +59,23 @@ pub struct AppState {
     pub queue: Queue,
     pub jwt: JwtConfig,
     pub limits: Limits,
+    pub services: Services,
 }
 
 impl AppState {
     #[must_use]
-    pub fn new(pool: PgPool, jwt: JwtConfig, limits: Limits) -> Self {
+    pub fn new(services: Services, jwt: JwtConfig, limits: Limits) -> Self {
         Self {
-            queue: Queue::new(pool.clone()),
-            pool,
+            queue: Queue::new(services.pool.clone()),
+            pool: services.pool.clone(),
             jwt,
             limits,
+            services,
         }
     }
 }
 
-type Apis = (HealthApi, JobsApi, AccountsApi, TicketsApi);
+type Apis = (HealthApi, JobsApi, AccountsApi, TicketsApi, OAuthApi);
 
 fn openapi(state: &AppState) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
@@ -88,11 +92,32 @@ fn openapi(state: &AppState) -> OpenApiService<Apis, ()> {
             TicketsApi {
                 state: state.clone(),
             },
+            OAuthApi {
+                state: state.clone(),
+            },
         ),
         "graphdesk",
         env!("CARGO_PKG_VERSION"),
     )
     .description("Microsoft 365 mailboxes as help-desk tickets. Every endpoint but the health checks, the OAuth callback and the Graph webhook needs `Authorization: Bearer <JWT>`.")
+}
+
+/// A state that reaches nothing, for printing the OpenAPI document without a deployment.
+pub fn offline_state() -> anyhow::Result<AppState> {
+    let pool = PgPool::connect_lazy("postgres://localhost/unused")?;
+    let jwt = JwtConfig::new("x".repeat(32).into(), "graphdesk", "graphdesk-api");
+    let settings = jobs::services::IntegrationSettings {
+        graph_base_url: jobs::config::DEFAULT_GRAPH_BASE_URL.into(),
+        identity_base_url: jobs::config::DEFAULT_IDENTITY_BASE_URL.into(),
+        client_id: "unused".into(),
+        client_secret: "unused".to_string().into(),
+        redirect_uri: "http://localhost/oauth/callback".parse()?,
+        authority: jobs::graph::TenantSegment::organizations(),
+        keyring: format!("k1:{}", jobs::vault::TokenVault::generate_key()).into(),
+        mailbox_concurrency: 4,
+        mailbox_budget_per_10_min: 10_000,
+    };
+    Ok(AppState::new(Services::new(pool, &settings)?, jwt, Limits::default()))
 }
 
 /// The OpenAPI document as YAML, exactly as served at /openapi.yaml (committed as

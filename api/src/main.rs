@@ -6,6 +6,7 @@ use api::{AppState, Limits, build_app};
 use clap::{Parser, Subcommand};
 use jobs::config::{Settings, bind_addr, load_dotenv};
 use jobs::ids::TenantId;
+use jobs::services::{IntegrationSettings, Services};
 use poem::Server;
 use poem::listener::TcpListener;
 
@@ -45,12 +46,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve().await,
         Command::Openapi => {
-            let pool = sqlx::PgPool::connect_lazy("postgres://localhost/unused")?;
-            let jwt = JwtConfig::new("x".repeat(32).into(), "graphdesk", "graphdesk-api");
-            print!(
-                "{}",
-                api::spec_yaml(&AppState::new(pool, jwt, Limits::default()))
-            );
+            print!("{}", api::spec_yaml(&api::offline_state()?));
             Ok(())
         }
         Command::MintToken {
@@ -90,7 +86,9 @@ async fn serve() -> anyhow::Result<()> {
     drop(listener);
     tracing::info!(%local, "api listening");
     println!("api listening on http://{local}");
-    let app = build_app(AppState::new(pool, jwt, limits));
+    let integration = IntegrationSettings::from_env(&settings.graph_base_url, &settings.identity_base_url)?;
+    let services = Services::new(pool, &integration)?;
+    let app = build_app(AppState::new(services, jwt, limits));
     Server::new(TcpListener::bind(local))
         .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(10)))
         .await?;

@@ -60,6 +60,9 @@ impl JobKind for SendReply {
 pub struct RefreshToken {
     pub tenant: TenantId,
     pub account: AccountId,
+    /// Refresh even if the token is not near expiry (an admin asked for it).
+    #[serde(default)]
+    pub force: bool,
 }
 
 impl JobKind for RefreshToken {

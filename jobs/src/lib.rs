@@ -12,6 +12,8 @@
 //! - [`graph`]: the Microsoft Graph + identity-platform client.
 //! - [`vault`]: AES-SIV token encryption at rest.
 
+pub mod accounts;
+pub mod audit;
 pub mod config;
 pub mod db;
 pub mod graph;
@@ -21,5 +23,6 @@ pub mod kinds;
 pub mod mail;
 pub mod queue;
 pub mod sends;
+pub mod services;
 pub mod telemetry;
 pub mod vault;

@@ -1,4 +1,6 @@
 //! The one integration-test binary. Every test uses a fresh database on a real PostgreSQL.
 
+mod accounts;
 mod foundation;
+mod graph_client;
 mod queue;

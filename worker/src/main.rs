@@ -8,7 +8,8 @@ use apalis_core::monitor::Monitor;
 use apalis_core::worker::builder::WorkerBuilder;
 use clap::{Parser, Subcommand};
 use jobs::config::{Settings, load_dotenv};
-use jobs::kinds::Probe;
+use jobs::kinds::{Probe, RefreshToken, ValidateAccount};
+use jobs::services::{IntegrationSettings, Services};
 use jobs::queue::JobKind;
 use jobs::queue::runtime::{JobContext, WorkerRuntime, unique_worker_id};
 
@@ -73,6 +74,31 @@ async fn run(settings: Settings, pool: sqlx::PgPool, queues: Vec<String>) -> any
             move |job: Probe, ctx: JobContext| jobs::handlers::run_probe(pool.clone(), job, ctx);
         monitor = register(monitor, &runtime, &worker_id, handler);
         registered.push(Probe::QUEUE);
+    }
+    let graph_queues = [ValidateAccount::QUEUE, RefreshToken::QUEUE];
+    if graph_queues.iter().any(|q| wanted(&queues, q)) {
+        let integration =
+            IntegrationSettings::from_env(&settings.graph_base_url, &settings.identity_base_url)
+                .context(
+                    "the Microsoft integration is not configured (see README: OAUTH_*, TOKEN_ENCRYPTION_KEYS)",
+                )?;
+        let services = Services::new(pool.clone(), &integration)?;
+        if wanted(&queues, ValidateAccount::QUEUE) {
+            let s = services.clone();
+            let handler = move |job: ValidateAccount, ctx: JobContext| {
+                jobs::handlers::validate_account(s.clone(), job, ctx)
+            };
+            monitor = register(monitor, &runtime, &worker_id, handler);
+            registered.push(ValidateAccount::QUEUE);
+        }
+        if wanted(&queues, RefreshToken::QUEUE) {
+            let s = services.clone();
+            let handler = move |job: RefreshToken, ctx: JobContext| {
+                jobs::handlers::refresh_token(s.clone(), job, ctx)
+            };
+            monitor = register(monitor, &runtime, &worker_id, handler);
+            registered.push(RefreshToken::QUEUE);
+        }
     }
     anyhow::ensure!(
         !registered.is_empty(),

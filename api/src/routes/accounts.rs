@@ -127,6 +127,7 @@ impl AccountsApi {
         let job = RefreshToken {
             tenant: auth.0.tenant,
             account,
+            force: true,
         };
         let enq = self
             .state

@@ -1,6 +1,7 @@
 pub mod accounts;
 pub mod health;
 pub mod jobs_api;
+pub mod oauth;
 pub mod tickets;
 
 use poem_openapi::Tags;

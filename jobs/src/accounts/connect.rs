@@ -1,0 +1,222 @@
+//! Connecting a mailbox through Microsoft's authorization-code flow with PKCE. The `state` is a
+//! single-use, expiring server-side token bound to tenant and user; the callback verifies it
+//! before redeeming the code, and writes the account, its tokens and its first jobs in one
+//! transaction, so a failure anywhere leaves nothing half-created.
+
+use std::sync::Arc;
+
+use chrono::{TimeDelta, Utc};
+use rand::RngCore;
+use secrecy::SecretString;
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::graph::{GraphClient, Pkce, StaticToken, WellKnownFolder};
+use crate::ids::{AccountId, EmailAddress, TenantId};
+use crate::kinds::{SyncMailbox, ValidateAccount};
+use crate::queue::{EnqueueOptions, enqueue_in};
+use crate::services::Services;
+use crate::vault::{AssociatedData, Column};
+
+/// How long a user has to finish signing in.
+pub const STATE_LIFETIME: TimeDelta = TimeDelta::minutes(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("this sign-in link is unknown or was already used; start the connection again")]
+    UnknownState,
+    #[error("this sign-in link expired; start the connection again")]
+    ExpiredState,
+    #[error("Microsoft sign-in was cancelled or refused: {0}")]
+    Denied(String),
+    #[error("Microsoft did not accept the sign-in: {0}")]
+    Token(#[source] crate::graph::TokenError),
+    #[error("the mailbox could not be read after sign-in: {0}")]
+    Graph(#[source] crate::graph::GraphError),
+    #[error("the signed-in account has no usable email address")]
+    NoAddress,
+    #[error("the stored sign-in secret could not be decrypted")]
+    Vault(#[from] crate::vault::VaultError),
+    #[error("storing the connection failed")]
+    Db(#[from] sqlx::Error),
+    #[error("queueing the first jobs failed")]
+    Queue(#[from] crate::queue::QueueError),
+    #[error("storing the tokens failed")]
+    Tokens(#[from] super::tokens::TokenStoreError),
+}
+
+fn state_hash(state: &str) -> String {
+    hex::encode(Sha256::digest(state.as_bytes()))
+}
+
+/// Starts a connection: stores a fresh state with its PKCE verifier (encrypted) and returns
+/// the URL to send the user's browser to.
+pub async fn start_connect(
+    services: &Services,
+    tenant: TenantId,
+    user_subject: &str,
+    login_hint: Option<&str>,
+) -> Result<Url, ConnectError> {
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let state = hex::encode(raw);
+    let hash = state_hash(&state);
+    let pkce = Pkce::new_random();
+    let verifier_enc = services.vault.encrypt(
+        &AssociatedData::for_owner(tenant, format!("oauth_state:{hash}"), Column::CodeVerifier),
+        pkce.verifier(),
+    );
+    sqlx::query(
+        "INSERT INTO oauth_states (state_hash, tenant_id, user_subject, code_verifier_enc, expires_at)
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&hash)
+    .bind(tenant.as_uuid())
+    .bind(user_subject)
+    .bind(verifier_enc)
+    .bind(Utc::now() + STATE_LIFETIME)
+    .execute(&services.pool)
+    .await?;
+    Ok(services
+        .identity
+        .authorize_url(&services.authority, &state, pkce.challenge(), login_hint))
+}
+
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub tenant: TenantId,
+    pub account: AccountId,
+    pub email: EmailAddress,
+    pub created: bool,
+}
+
+/// Consumes `state` (single use, even when a later step fails) and returns its tenant.
+async fn consume_state(services: &Services, state: &str) -> Result<(TenantId, String, SecretString), ConnectError> {
+    let hash = state_hash(state);
+    let row: Option<(uuid::Uuid, String, Vec<u8>, chrono::DateTime<Utc>)> = sqlx::query_as(
+        "UPDATE oauth_states SET consumed_at = now()
+         WHERE state_hash = $1 AND consumed_at IS NULL
+         RETURNING tenant_id, user_subject, code_verifier_enc, expires_at",
+    )
+    .bind(&hash)
+    .fetch_optional(&services.pool)
+    .await?;
+    let (tenant, subject, verifier_enc, expires_at) = row.ok_or(ConnectError::UnknownState)?;
+    if expires_at < Utc::now() {
+        return Err(ConnectError::ExpiredState);
+    }
+    let tenant = TenantId::from_uuid(tenant);
+    let verifier = services.vault.decrypt(
+        &AssociatedData::for_owner(tenant, format!("oauth_state:{hash}"), Column::CodeVerifier),
+        &verifier_enc,
+    )?;
+    Ok((tenant, subject, verifier))
+}
+
+/// The callback with `?error=…`: the state is still consumed so the link cannot be replayed.
+pub async fn fail_connect(services: &Services, state: Option<&str>, error: &str, description: Option<&str>) -> ConnectError {
+    if let Some(state) = state {
+        let _ = consume_state(services, state).await;
+    }
+    let text = match error {
+        "access_denied" => "you declined the permissions graphdesk asked for".to_string(),
+        "consent_required" | "interaction_required" | "login_required" => {
+            "Microsoft needs you (or an administrator) to sign in and consent again".to_string()
+        }
+        "temporarily_unavailable" | "server_error" => {
+            "Microsoft's sign-in service was unavailable; try again in a minute".to_string()
+        }
+        other => format!(
+            "{other}{}",
+            description
+                .map(|d| format!(": {}", d.chars().take(200).collect::<String>()))
+                .unwrap_or_default()
+        ),
+    };
+    ConnectError::Denied(text)
+}
+
+/// The callback with `?code=…&state=…`.
+pub async fn complete_connect(
+    services: &Services,
+    state: &str,
+    code: SecretString,
+) -> Result<Connected, ConnectError> {
+    let (tenant, subject, verifier) = consume_state(services, state).await?;
+    let tokens = services
+        .identity
+        .exchange_code(&services.authority, &code, &verifier)
+        .await
+        .map_err(ConnectError::Token)?;
+    let graph = GraphClient::new(
+        services.http.clone(),
+        services.graph.clone(),
+        Arc::new(StaticToken(tokens.access_token.clone())),
+    );
+    let me = graph.get_me().await.map_err(ConnectError::Graph)?;
+    let address = me
+        .mail
+        .as_deref()
+        .or(me.user_principal_name.as_deref())
+        .and_then(|a| EmailAddress::parse(a).ok())
+        .ok_or(ConnectError::NoAddress)?;
+
+    let mut tx = services.pool.begin().await?;
+    let sync_days: i64 = crate::config::env_parse("SYNC_INITIAL_DAYS", 30i64).unwrap_or(30);
+    let (account, created): (uuid::Uuid, bool) = sqlx::query_as(
+        "INSERT INTO helpdesk_email_accounts
+            (id, tenant_id, email_address, display_name, ms_user_id, status, sync_since)
+         VALUES ($1, $2, $3, $4, $5, 'active', now() - make_interval(days => $6::int))
+         ON CONFLICT (tenant_id, email_address) DO UPDATE SET
+            display_name = EXCLUDED.display_name, ms_user_id = EXCLUDED.ms_user_id,
+            status = 'active', status_reason = NULL, updated_at = now()
+         RETURNING id, (xmax = 0)",
+    )
+    .bind(AccountId::new().as_uuid())
+    .bind(tenant.as_uuid())
+    .bind(address.as_str())
+    .bind(me.display_name.as_deref())
+    .bind(&me.id)
+    .bind(sync_days as i32)
+    .fetch_one(&mut *tx)
+    .await?;
+    let account = AccountId::from_uuid(account);
+    super::tokens::store_tokens(&mut tx, &services.vault, tenant, account, &tokens).await?;
+    enqueue_in(&mut tx, &ValidateAccount { tenant, account }, EnqueueOptions::default()).await?;
+    enqueue_in(
+        &mut tx,
+        &SyncMailbox {
+            tenant,
+            account,
+            folder: WellKnownFolder::Inbox.as_str().into(),
+        },
+        EnqueueOptions::default(),
+    )
+    .await?;
+    crate::audit::record(
+        &mut tx,
+        Some(tenant),
+        &subject,
+        if created { "account.connected" } else { "account.reconnected" },
+        "account",
+        &account.to_string(),
+        serde_json::json!({ "email": address.as_str() }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Connected {
+        tenant,
+        account,
+        email: address,
+        created,
+    })
+}
+
+/// Removes OAuth states older than `older_than` (the scheduler runs this; default 24 h).
+pub async fn purge_states(pool: &sqlx::PgPool, older_than: TimeDelta) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM oauth_states WHERE created_at < now() - make_interval(secs => $1)")
+        .bind(older_than.num_seconds() as f64)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,9 @@
+//! Connected mailboxes: the connect flow, tokens at rest and their refresh, the cross-process
+//! Graph request gate, and the connection test.
+
+pub mod connect;
+pub mod gate;
+pub mod tokens;
+pub mod validate;
+
+pub use tokens::{AccountTokenSource, RefreshMode, graph_client, refresh_tokens};

@@ -1,0 +1,406 @@
+//! Connecting mailboxes through the real OAuth flow against graph-sim, the encrypted token
+//! store, single-flight refresh and revocation.
+
+use std::time::Duration;
+
+use graph_sim::GraphSim;
+use graphdesk_tests::{
+    Endpoints, TestApp, TestDb, TestRole, WorkerOptions, bind_api, serve_app, spawn_sim,
+    spawn_worker,
+};
+use jobs::accounts::tokens::{AccountTokenSource, RefreshMode, refresh_tokens};
+use jobs::graph::AccessTokenSource;
+use jobs::ids::{AccountId, TenantId};
+use jobs::kinds::RefreshToken;
+use jobs::queue::{EnqueueOptions, JobKind};
+use jobs::vault::{AssociatedData, Column};
+use secrecy::ExposeSecret;
+
+struct World {
+    app: TestApp,
+    sim: GraphSim,
+    tenant: TenantId,
+    admin: String,
+}
+
+async fn world() -> World {
+    let db = TestDb::new().await;
+    let (acceptor, base) = bind_api().await;
+    let redirect = format!("{base}/oauth/callback");
+    let sim = spawn_sim(&redirect, |_| {}).await;
+    let app = serve_app(db, acceptor, Endpoints::sim(&sim, &redirect)).await;
+    let tenant = app.db.create_tenant("Contoso").await;
+    let admin = app.token(tenant, TestRole::Admin);
+    let t = sim.create_tenant("contoso.example", "Contoso");
+    sim.create_user(&t, "helpdesk@contoso.example", "Help Desk");
+    World {
+        app,
+        sim,
+        tenant,
+        admin,
+    }
+}
+
+impl World {
+    /// Starts the connect flow and follows Microsoft's redirect to our callback, like a browser.
+    async fn connect(&self, login_hint: &str) -> (reqwest::StatusCode, String, String) {
+        let start: serde_json::Value = self
+            .app
+            .client
+            .get(self.app.url(&format!("/api/v1/oauth/connect?login_hint={login_hint}")))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let authorize = start["authorize_url"].as_str().expect("authorize url").to_string();
+        assert!(authorize.contains("code_challenge_method=S256"), "{authorize}");
+        let resp = self.app.client.get(&authorize).send().await.unwrap();
+        assert_eq!(resp.status(), 302, "graph-sim redirects back");
+        let callback = resp.headers()["location"].to_str().unwrap().to_string();
+        let page = self.app.client.get(&callback).send().await.unwrap();
+        let status = page.status();
+        (status, page.text().await.unwrap(), callback)
+    }
+
+    async fn account(&self) -> AccountId {
+        let id: uuid::Uuid =
+            sqlx::query_scalar("SELECT id FROM helpdesk_email_accounts WHERE tenant_id = $1")
+                .bind(self.tenant.as_uuid())
+                .fetch_one(&self.app.db.pool)
+                .await
+                .unwrap();
+        AccountId::from_uuid(id)
+    }
+
+    fn services(&self) -> jobs::services::Services {
+        self.app.endpoints.services(&self.app.db.pool)
+    }
+}
+
+#[tokio::test]
+async fn a_mailbox_connects_through_the_oauth_flow_and_its_tokens_are_encrypted() {
+    let w = world().await;
+    let (status, page, callback) = w.connect("helpdesk@contoso.example").await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("helpdesk@contoso.example is connected"), "{page}");
+
+    let account = w.account().await;
+    let (status, access, refresh): (String, Vec<u8>, Vec<u8>) = sqlx::query_as(
+        "SELECT status, access_token_enc, refresh_token_enc FROM helpdesk_email_accounts WHERE id = $1",
+    )
+    .bind(account.as_uuid())
+    .fetch_one(&w.app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "active");
+    let services = w.services();
+    let plain = services
+        .vault
+        .decrypt(&AssociatedData::for_account(w.tenant, account, Column::AccessToken), &access)
+        .unwrap();
+    let plain = plain.expose_secret();
+    assert!(plain.len() > 10);
+    assert!(
+        !access.windows(plain.len()).any(|win| win == plain.as_bytes()),
+        "the stored access token is not plaintext"
+    );
+    // A ciphertext is bound to its row and column.
+    assert!(
+        services
+            .vault
+            .decrypt(&AssociatedData::for_account(w.tenant, account, Column::RefreshToken), &access)
+            .is_err()
+    );
+    assert!(
+        services
+            .vault
+            .decrypt(&AssociatedData::for_account(w.tenant, AccountId::new(), Column::RefreshToken), &refresh)
+            .is_err()
+    );
+
+    // The connection test and the first sync were queued with the account, and audited.
+    let queues: Vec<String> = sqlx::query_scalar("SELECT queue FROM queue_jobs ORDER BY queue")
+        .fetch_all(&w.app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(queues, vec!["graphdesk.sync_mailbox", "graphdesk.validate_account"]);
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'account.connected' AND entity_id = $1",
+    )
+    .bind(account.to_string())
+    .fetch_one(&w.app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 1);
+
+    // The same callback replayed is refused and changes nothing.
+    let replay = w.app.client.get(&callback).send().await.unwrap();
+    assert_eq!(replay.status(), 400);
+    assert!(replay.text().await.unwrap().contains("already used"));
+    assert_eq!(w.sim.stats().token_requests("authorization_code"), 1);
+}
+
+#[tokio::test]
+async fn an_expired_state_or_a_denied_consent_connects_nothing() {
+    let w = world().await;
+    // Expired: the state row is aged before the browser comes back.
+    let start: serde_json::Value = w
+        .app
+        .client
+        .get(w.app.url("/api/v1/oauth/connect"))
+        .bearer_auth(&w.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    sqlx::query("UPDATE oauth_states SET expires_at = now() - interval '1 minute'")
+        .execute(&w.app.db.pool)
+        .await
+        .unwrap();
+    w.sim.set_login_user("helpdesk@contoso.example");
+    let resp = w.app.client.get(start["authorize_url"].as_str().unwrap()).send().await.unwrap();
+    let callback = resp.headers()["location"].to_str().unwrap().to_string();
+    let page = w.app.client.get(&callback).send().await.unwrap();
+    assert_eq!(page.status(), 400);
+    assert!(page.text().await.unwrap().contains("expired"));
+
+    // Denied consent.
+    w.sim.set_auto_consent(false);
+    let (status, page, _) = w.connect("helpdesk@contoso.example").await;
+    assert_eq!(status, 400);
+    assert!(page.contains("declined"), "{page}");
+
+    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM helpdesk_email_accounts")
+        .fetch_one(&w.app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(accounts, 0, "nothing half-created");
+    assert_eq!(w.sim.stats().token_requests("authorization_code"), 0, "no code was redeemed");
+}
+
+#[tokio::test]
+async fn a_wrong_pkce_verifier_is_refused_by_the_identity_platform() {
+    let w = world().await;
+    let start: serde_json::Value = w
+        .app
+        .client
+        .get(w.app.url("/api/v1/oauth/connect?login_hint=helpdesk@contoso.example"))
+        .bearer_auth(&w.admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Swap the stored verifier for another one: the code's challenge no longer matches.
+    let (hash,): (String,) = sqlx::query_as("SELECT state_hash FROM oauth_states")
+        .fetch_one(&w.app.db.pool)
+        .await
+        .unwrap();
+    let other = jobs::graph::Pkce::new_random();
+    let enc = w.services().vault.encrypt(
+        &AssociatedData::for_owner(w.tenant, format!("oauth_state:{hash}"), Column::CodeVerifier),
+        other.verifier(),
+    );
+    sqlx::query("UPDATE oauth_states SET code_verifier_enc = $1")
+        .bind(enc)
+        .execute(&w.app.db.pool)
+        .await
+        .unwrap();
+    let resp = w.app.client.get(start["authorize_url"].as_str().unwrap()).send().await.unwrap();
+    let callback = resp.headers()["location"].to_str().unwrap().to_string();
+    let page = w.app.client.get(&callback).send().await.unwrap();
+    assert_eq!(page.status(), 400);
+    assert!(page.text().await.unwrap().contains("invalid_grant"));
+    let accounts: i64 = sqlx::query_scalar("SELECT count(*) FROM helpdesk_email_accounts")
+        .fetch_one(&w.app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(accounts, 0);
+}
+
+#[tokio::test]
+async fn concurrent_refreshes_from_two_connection_pools_make_one_token_request() {
+    let w = world().await;
+    let (status, _, _) = w.connect("helpdesk@contoso.example").await;
+    assert_eq!(status, 200);
+    let account = w.account().await;
+    let initial_refresh = stored_refresh(&w, account).await;
+    // Two pools stand for two processes: Postgres sees independent sessions either way.
+    let second_pool = sqlx::PgPool::connect(&w.app.db.url).await.unwrap();
+    let before = chrono::Utc::now();
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let mut services = w.services();
+        if i % 2 == 1 {
+            services.pool = second_pool.clone();
+        }
+        let tenant = w.tenant;
+        calls.push(tokio::spawn(async move {
+            refresh_tokens(
+                &services.pool,
+                &services.vault,
+                &services.identity,
+                &services.authority,
+                tenant,
+                account,
+                RefreshMode::Force { unless_refreshed_since: before },
+            )
+            .await
+            .map(|t| t.expose_secret().to_string())
+        }));
+    }
+    let mut tokens = std::collections::HashSet::new();
+    for c in calls {
+        tokens.insert(c.await.unwrap().expect("refresh succeeds"));
+    }
+    assert_eq!(w.sim.stats().token_requests("refresh_token"), 1, "single flight");
+    assert_eq!(tokens.len(), 1, "every caller got the one new token");
+
+    // The rotated refresh token was persisted, and the next refresh uses and rotates it.
+    let rotated = stored_refresh(&w, account).await;
+    assert_ne!(rotated, initial_refresh);
+    let services = w.services();
+    refresh_tokens(
+        &services.pool,
+        &services.vault,
+        &services.identity,
+        &services.authority,
+        w.tenant,
+        account,
+        RefreshMode::Force { unless_refreshed_since: chrono::Utc::now() },
+    )
+    .await
+    .unwrap();
+    assert_ne!(stored_refresh(&w, account).await, rotated);
+    assert_eq!(w.sim.stats().token_requests("refresh_token"), 2);
+}
+
+async fn stored_refresh(w: &World, account: AccountId) -> String {
+    let enc: Vec<u8> =
+        sqlx::query_scalar("SELECT refresh_token_enc FROM helpdesk_email_accounts WHERE id = $1")
+            .bind(account.as_uuid())
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    w.services()
+        .vault
+        .decrypt(&AssociatedData::for_account(w.tenant, account, Column::RefreshToken), &enc)
+        .unwrap()
+        .expose_secret()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_revoked_refresh_token_marks_the_account_needs_reauth_without_a_retry_storm() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    w.sim.revoke_refresh_tokens("helpdesk@contoso.example", 70008);
+    // The tokens were issued an hour ago, so a forced refresh really goes to Microsoft.
+    sqlx::query("UPDATE helpdesk_email_accounts SET token_refreshed_at = now() - interval '1 hour'")
+        .execute(&w.app.db.pool)
+        .await
+        .unwrap();
+    let _worker = spawn_worker(
+        &w.app.db,
+        WorkerOptions {
+            endpoints: w.app.endpoints.clone(),
+            ..WorkerOptions::default()
+        },
+    )
+    .await;
+    let job = w
+        .app
+        .db
+        .pool
+        .clone();
+    let queue = jobs::queue::Queue::new(job);
+    let id = queue
+        .enqueue(&RefreshToken { tenant: w.tenant, account, force: true }, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    let ops = w.app.token(w.tenant, TestRole::Ops);
+    let job = w.app.wait_for_job(&ops, id.get(), &["dead"], Duration::from_secs(30)).await;
+    assert_eq!(job["attempts"], 1, "no retries: {job}");
+    assert!(job["last_error"].as_str().unwrap().contains("reconnect"), "{job}");
+    let (status, reason): (String, Option<String>) = sqlx::query_as(
+        "SELECT status, status_reason FROM helpdesk_email_accounts WHERE id = $1",
+    )
+    .bind(account.as_uuid())
+    .fetch_one(&w.app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "needs_reauth");
+    assert!(reason.unwrap().contains("70008"));
+    // A later job does not go back to Microsoft: the account is known to need a reconnect.
+    let again = queue
+        .enqueue(&RefreshToken { tenant: w.tenant, account, force: true }, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    w.app.wait_for_job(&ops, again.get(), &["dead"], Duration::from_secs(30)).await;
+    assert_eq!(w.sim.stats().token_requests("refresh_token"), 1, "one refused refresh, no storm");
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'account.needs_reauth'")
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, 1);
+    assert_eq!(RefreshToken::QUEUE, "graphdesk.refresh_token");
+}
+
+#[tokio::test]
+async fn a_401_mid_call_refreshes_once_and_the_connection_test_passes() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    let services = w.services();
+    let source = AccountTokenSource::new(services.clone(), w.tenant, account);
+    let before = source.access_token().await.unwrap().expose_secret().to_string();
+    w.sim.expire_access_tokens("helpdesk@contoso.example");
+    let report = jobs::accounts::validate::validate_account(&services, w.tenant, account)
+        .await
+        .unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert!(report.can_send);
+    assert_eq!(w.sim.stats().token_requests("refresh_token"), 1);
+    let after = source.access_token().await.unwrap().expose_secret().to_string();
+    assert_ne!(before, after, "the refreshed token was stored");
+    let validated: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT validation FROM helpdesk_email_accounts WHERE id = $1")
+            .bind(account.as_uuid())
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(validated.unwrap()["inbox"], true);
+}
+
+#[tokio::test]
+async fn a_token_copied_into_another_row_does_not_decrypt() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    let other = AccountId::new();
+    sqlx::query(
+        "INSERT INTO helpdesk_email_accounts (id, tenant_id, email_address, status, access_token_enc,
+            refresh_token_enc, token_expires_at)
+         SELECT $1, tenant_id, 'copy@contoso.example', 'active', access_token_enc, refresh_token_enc,
+                token_expires_at
+         FROM helpdesk_email_accounts WHERE id = $2",
+    )
+    .bind(other.as_uuid())
+    .bind(account.as_uuid())
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    let source = AccountTokenSource::new(w.services(), w.tenant, other);
+    let err = source.access_token().await.unwrap_err();
+    assert!(err.to_string().contains("token store"), "{err}");
+}
