@@ -7,6 +7,7 @@
 //! deferral does not spend an attempt; a claimed job carries a lease that the owner renews and
 //! that anyone may reap once it expires; per-tenant limits are enforced inside the claim.
 
+mod dashboard_queries;
 mod error;
 mod ops;
 mod retry;
@@ -16,6 +17,9 @@ use chrono::{DateTime, Utc};
 use serde::{Serialize, de::DeserializeOwned};
 use sqlx::{PgConnection, PgPool};
 
+pub use dashboard_queries::{
+    AccountHealth, AccountTotals, AuditEntry, OldestPending, QueueCount, ThroughputBucket,
+};
 pub use error::{JobError, QueueError};
 pub use ops::{JobFilter, JobRecord, JobStats, JobStatus};
 pub use retry::RetryPolicy;
