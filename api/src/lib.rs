@@ -2,7 +2,9 @@
 //! nothing here decides business rules.
 
 pub mod auth;
+pub mod dashboard;
 pub mod error;
+pub mod metrics;
 pub mod routes;
 
 use std::time::Duration;
@@ -18,7 +20,7 @@ use crate::auth::JwtConfig;
 use crate::error::{ErrorBody, REQUEST_ID};
 use crate::routes::oauth::OAuthApi;
 use crate::routes::{
-    accounts::AccountsApi, health::HealthApi, jobs_api::JobsApi, tickets::TicketsApi,
+    accounts::AccountsApi, health::HealthApi, jobs_api::JobsApi, ops::OpsApi, tickets::TicketsApi,
 };
 
 /// Request-size limits (configurable; see README).
@@ -75,7 +77,14 @@ impl AppState {
     }
 }
 
-type Apis = (HealthApi, JobsApi, AccountsApi, TicketsApi, OAuthApi);
+type Apis = (
+    HealthApi,
+    JobsApi,
+    AccountsApi,
+    TicketsApi,
+    OAuthApi,
+    OpsApi,
+);
 
 fn openapi(state: &AppState) -> OpenApiService<Apis, ()> {
     OpenApiService::new(
@@ -93,6 +102,9 @@ fn openapi(state: &AppState) -> OpenApiService<Apis, ()> {
                 state: state.clone(),
             },
             OAuthApi {
+                state: state.clone(),
+            },
+            OpsApi {
                 state: state.clone(),
             },
         ),
@@ -137,6 +149,8 @@ pub fn build_app(state: AppState) -> impl Endpoint<Output = Response> {
         .nest("/docs", docs)
         .at("/openapi.json", spec_json)
         .at("/openapi.yaml", spec_yaml)
+        .nest("/dashboard", dashboard::routes())
+        .at("/metrics", metrics::endpoint())
         .data(state)
         .around(move |next, req| limit_body(next, req, max_request_bytes))
         .around(request_context)

@@ -2,6 +2,7 @@ pub mod accounts;
 pub mod health;
 pub mod jobs_api;
 pub mod oauth;
+pub mod ops;
 pub mod tickets;
 
 use poem_openapi::Tags;
@@ -16,4 +17,6 @@ pub enum ApiTags {
     Tickets,
     /// Job state, and ops actions on jobs.
     Jobs,
+    /// Ops views and actions: job lists, retries, purges, queue and mailbox health.
+    Ops,
 }

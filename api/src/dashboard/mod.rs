@@ -1,0 +1,591 @@
+//! The ops dashboard under `/dashboard`: server-rendered HTML (maud) over the same service
+//! functions as the JSON ops API.
+//!
+//! Session: the login form takes one of the API's JWTs and keeps it in an HttpOnly,
+//! SameSite=Strict cookie scoped to /dashboard, so page scripts cannot read it and other sites
+//! cannot send it. Every state-changing form carries a CSRF token: an HMAC of the session
+//! token, which a page on another origin can neither read nor compute, checked in constant
+//! time. Agents are refused at login and on every page.
+
+mod pages;
+pub mod service;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use jobs::ids::{AccountId, TenantId};
+use jobs::queue::{JobFilter, JobStatus};
+use poem::http::{StatusCode, header};
+use poem::web::{Data, Form, Path, Query};
+use poem::{Endpoint, EndpointExt, Request, Response, Route, get, handler, post};
+use serde::Deserialize;
+use sha2::Sha256;
+
+use crate::AppState;
+use crate::auth::{Principal, Role};
+use service::OpsError;
+
+const SESSION_COOKIE: &str = "gd_session";
+const FLASH_COOKIE: &str = "gd_flash";
+const PAGE_SIZE: i64 = 50;
+
+/// Dashboard settings (see README: DASHBOARD_SECURE_COOKIE).
+#[derive(Debug, Clone, Copy)]
+pub struct DashboardConfig {
+    /// Mark the session cookie `Secure` (HTTPS only). Off by default for local http.
+    pub secure_cookie: bool,
+}
+
+impl DashboardConfig {
+    #[must_use]
+    pub fn from_env() -> Self {
+        Self {
+            secure_cookie: secure_cookie_setting(
+                jobs::config::env_opt("DASHBOARD_SECURE_COOKIE").as_deref(),
+            ),
+        }
+    }
+}
+
+/// An unreadable value picks `Secure`: a misconfiguration then shows up as a login that
+/// does not stick over plain http, never as a session cookie sent in the clear.
+fn secure_cookie_setting(raw: Option<&str>) -> bool {
+    match raw.map(|r| r.trim().to_ascii_lowercase()) {
+        None => false,
+        Some(v) if matches!(v.as_str(), "false" | "0" | "no" | "off") => false,
+        Some(v) if matches!(v.as_str(), "true" | "1" | "yes" | "on") => true,
+        Some(v) => {
+            tracing::error!(value = %v, "DASHBOARD_SECURE_COOKIE is not a boolean; using true");
+            true
+        }
+    }
+}
+
+/// The dashboard's routes, to be nested at `/dashboard`.
+pub fn routes() -> impl Endpoint<Output = Response> {
+    Route::new()
+        .at("/", get(overview))
+        .at("/login", get(login_page).post(login))
+        .at("/logout", post(logout))
+        .at("/jobs", get(jobs_page))
+        .at("/jobs/retry", post(bulk_retry))
+        .at("/jobs/purge", post(purge))
+        .at("/jobs/:id", get(job_page))
+        .at("/jobs/:id/retry", post(retry_job))
+        .at("/jobs/:id/cancel", post(cancel_job))
+        .at("/accounts", get(accounts_page))
+        .data(DashboardConfig::from_env())
+        .map_to_response()
+}
+
+/// A logged-in ops or admin user.
+pub(crate) struct Session {
+    pub principal: Principal,
+    pub csrf: String,
+    pub flash: Option<String>,
+}
+
+fn cookie<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn csrf_token(session_token: &str) -> String {
+    hex::encode(csrf_mac(session_token).finalize().into_bytes())
+}
+
+fn csrf_mac(session_token: &str) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(session_token.as_bytes())
+        .expect("HMAC accepts keys of any length");
+    mac.update(b"graphdesk dashboard csrf v1");
+    mac
+}
+
+fn csrf_valid(session_token: &str, presented: Option<&str>) -> bool {
+    let Some(bytes) = presented.and_then(|p| hex::decode(p).ok()) else {
+        return false;
+    };
+    csrf_mac(session_token).verify_slice(&bytes).is_ok()
+}
+
+/// The session of this request, or the response to send instead (login redirect, 403 page).
+fn session(req: &Request, state: &AppState) -> Result<Session, Response> {
+    let Some(token) = cookie(req, SESSION_COOKIE) else {
+        return Err(redirect("/dashboard/login", None));
+    };
+    let principal = match state.jwt.verify(token) {
+        Ok(p) => p,
+        Err(msg) => {
+            let to = format!(
+                "/dashboard/login?error={}",
+                URL_SAFE_NO_PAD.encode(format!("Please log in again: {msg}."))
+            );
+            return Err(redirect(&to, None).with_clear_session());
+        }
+    };
+    if principal.role == Role::Agent {
+        return Err(forbidden_page());
+    }
+    Ok(Session {
+        csrf: csrf_token(token),
+        flash: cookie(req, FLASH_COOKIE)
+            .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
+            .and_then(|b| String::from_utf8(b).ok()),
+        principal,
+    })
+}
+
+/// The session for a form post, refused with 403 unless the form's CSRF token matches.
+fn session_for_post(
+    req: &Request,
+    state: &AppState,
+    csrf: Option<&str>,
+) -> Result<Session, Response> {
+    let s = session(req, state)?;
+    let token = cookie(req, SESSION_COOKIE).unwrap_or_default();
+    if !csrf_valid(token, csrf) {
+        tracing::warn!(actor = %s.principal.subject, "dashboard form post with a missing or wrong CSRF token");
+        return Err(html(
+            StatusCode::FORBIDDEN,
+            pages::message_page(
+                "Request refused",
+                "The form's security token is missing or does not match your session. Reload the page and try again.",
+            ),
+        ));
+    }
+    Ok(s)
+}
+
+fn set_cookie(name: &str, value: &str, max_age: Option<i64>, secure: bool) -> String {
+    let mut c = format!("{name}={value}; Path=/dashboard; HttpOnly; SameSite=Strict");
+    if let Some(age) = max_age {
+        c.push_str(&format!("; Max-Age={age}"));
+    }
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
+}
+
+fn redirect(to: &str, flash: Option<&str>) -> Response {
+    let mut b = Response::builder()
+        .status(StatusCode::SEE_OTHER)
+        .header(header::LOCATION, to);
+    if let Some(msg) = flash {
+        b = b.header(
+            header::SET_COOKIE,
+            set_cookie(FLASH_COOKIE, &URL_SAFE_NO_PAD.encode(msg), Some(60), false),
+        );
+    }
+    b.finish()
+}
+
+trait ResponseExt {
+    fn with_clear_session(self) -> Response;
+}
+
+impl ResponseExt for Response {
+    fn with_clear_session(mut self) -> Response {
+        if let Ok(v) = set_cookie(SESSION_COOKIE, "", Some(0), false).parse() {
+            self.headers_mut().append(header::SET_COOKIE, v);
+        }
+        self
+    }
+}
+
+fn html(status: StatusCode, markup: maud::Markup) -> Response {
+    Response::builder()
+        .status(status)
+        .content_type("text/html; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store")
+        .header("x-frame-options", "DENY")
+        .header(
+            "content-security-policy",
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'",
+        )
+        .body(markup.into_string())
+}
+
+/// A page for a logged-in user; consumes the flash message it shows.
+fn page(s: &Session, markup: maud::Markup) -> Response {
+    let mut resp = html(StatusCode::OK, markup);
+    if s.flash.is_some()
+        && let Ok(v) = set_cookie(FLASH_COOKIE, "", Some(0), false).parse()
+    {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+fn forbidden_page() -> Response {
+    html(
+        StatusCode::FORBIDDEN,
+        pages::message_page(
+            "Access denied",
+            "The ops dashboard is for the ops and admin roles. Agent tokens cannot use it.",
+        ),
+    )
+    .with_clear_session()
+}
+
+fn error_response(s: &Session, e: OpsError) -> Response {
+    let (status, title) = match &e {
+        OpsError::Forbidden(_) => (StatusCode::FORBIDDEN, "Not allowed"),
+        OpsError::NotFound => (StatusCode::NOT_FOUND, "Not found"),
+        OpsError::Conflict(_) => (StatusCode::CONFLICT, "Not possible"),
+        OpsError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid request"),
+        OpsError::Queue(err) => {
+            tracing::error!(error = %err, source = ?std::error::Error::source(err), "dashboard query failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong")
+        }
+    };
+    let msg = match e {
+        OpsError::Queue(_) => format!(
+            "An internal error occurred; quote request id {} when reporting it.",
+            crate::error::current_request_id()
+        ),
+        other => other.to_string(),
+    };
+    html(status, pages::error_page(s, title, &msg))
+}
+
+// ---- login ----
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    error: Option<String>,
+}
+
+#[handler]
+async fn login_page(Query(q): Query<LoginQuery>) -> Response {
+    let error = q
+        .error
+        .and_then(|e| URL_SAFE_NO_PAD.decode(e).ok())
+        .and_then(|b| String::from_utf8(b).ok());
+    html(StatusCode::OK, pages::login_page(error.as_deref()))
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+#[handler]
+async fn login(
+    Data(state): Data<&AppState>,
+    Data(config): Data<&DashboardConfig>,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let token = form.token.trim();
+    match state.jwt.verify(token) {
+        Err(msg) => html(
+            StatusCode::UNAUTHORIZED,
+            pages::login_page(Some(&format!("That token was not accepted: {msg}."))),
+        ),
+        Ok(p) if p.role == Role::Agent => forbidden_page(),
+        Ok(p) => {
+            tracing::info!(actor = %p.subject, role = p.role.as_str(), "dashboard login");
+            Response::builder()
+                .status(StatusCode::SEE_OTHER)
+                .header(header::LOCATION, "/dashboard")
+                .header(
+                    header::SET_COOKIE,
+                    set_cookie(SESSION_COOKIE, token, None, config.secure_cookie),
+                )
+                .finish()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: Option<String>,
+}
+
+#[handler]
+async fn logout(req: &Request, Data(state): Data<&AppState>, Form(f): Form<CsrfForm>) -> Response {
+    match session_for_post(req, state, f.csrf.as_deref()) {
+        Ok(_) => redirect("/dashboard/login", None).with_clear_session(),
+        Err(resp) => resp,
+    }
+}
+
+// ---- pages ----
+
+#[handler]
+async fn overview(req: &Request, Data(state): Data<&AppState>) -> Response {
+    let s = match session(req, state) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match service::overview(state, &s.principal).await {
+        Ok(o) => page(&s, pages::overview(&s, &o)),
+        Err(e) => error_response(&s, e),
+    }
+}
+
+/// The job filter as it travels in query strings and hidden form fields. Everything is a
+/// string so that a half-typed filter shows an error on the page instead of a bare 400.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub(crate) struct FilterParams {
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub queue: String,
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub account: String,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub before_id: String,
+}
+
+impl FilterParams {
+    fn to_filter(&self) -> Result<JobFilter, OpsError> {
+        let opt = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+        Ok(JobFilter {
+            status: opt(&self.status)
+                .map(|s| {
+                    JobStatus::parse(&s)
+                        .ok_or_else(|| OpsError::Invalid(format!("unknown status `{s}`")))
+                })
+                .transpose()?,
+            queue: opt(&self.queue),
+            tenant: opt(&self.tenant)
+                .map(|t| {
+                    t.parse::<TenantId>()
+                        .map_err(|e| OpsError::Invalid(e.to_string()))
+                })
+                .transpose()?,
+            account: opt(&self.account)
+                .map(|a| {
+                    a.parse::<AccountId>()
+                        .map_err(|e| OpsError::Invalid(e.to_string()))
+                })
+                .transpose()?,
+            error_contains: opt(&self.error),
+            before_id: opt(&self.before_id)
+                .map(|b| {
+                    b.parse::<i64>()
+                        .map_err(|_| OpsError::Invalid("before_id must be a job id".into()))
+                })
+                .transpose()?,
+            limit: PAGE_SIZE,
+        })
+    }
+
+    /// The query string for this filter (without paging), for links and redirects.
+    pub fn query(&self, before_id: Option<i64>) -> String {
+        let mut pairs: Vec<(&str, String)> = [
+            ("status", &self.status),
+            ("queue", &self.queue),
+            ("tenant", &self.tenant),
+            ("account", &self.account),
+            ("error", &self.error),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.trim().is_empty())
+        .map(|(k, v)| (k, v.trim().to_string()))
+        .collect();
+        if let Some(b) = before_id {
+            pairs.push(("before_id", b.to_string()));
+        }
+        serde_urlencoded::to_string(pairs).unwrap_or_default()
+    }
+}
+
+#[handler]
+async fn jobs_page(
+    req: &Request,
+    Data(state): Data<&AppState>,
+    Query(params): Query<FilterParams>,
+) -> Response {
+    let s = match session(req, state) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let result = match params.to_filter() {
+        Ok(f) => service::list_jobs(state, &s.principal, f).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(jobs) => {
+            let next = (jobs.len() as i64 == PAGE_SIZE)
+                .then(|| jobs.last().map(|j| j.id))
+                .flatten();
+            page(&s, pages::jobs(&s, &params, &jobs, next))
+        }
+        Err(e) => error_response(&s, e),
+    }
+}
+
+#[handler]
+async fn job_page(req: &Request, Data(state): Data<&AppState>, Path(id): Path<i64>) -> Response {
+    let s = match session(req, state) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match service::get_job(state, &s.principal, id).await {
+        Ok(job) => page(&s, pages::job(&s, &job)),
+        Err(e) => error_response(&s, e),
+    }
+}
+
+#[handler]
+async fn accounts_page(req: &Request, Data(state): Data<&AppState>) -> Response {
+    let s = match session(req, state) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match service::accounts(state, &s.principal).await {
+        Ok(accounts) => page(&s, pages::accounts(&s, &accounts)),
+        Err(e) => error_response(&s, e),
+    }
+}
+
+// ---- actions ----
+
+#[handler]
+async fn retry_job(
+    req: &Request,
+    Data(state): Data<&AppState>,
+    Path(id): Path<i64>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    let s = match session_for_post(req, state, f.csrf.as_deref()) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match service::retry_job(state, &s.principal, id).await {
+        Ok(_) => redirect(
+            &format!("/dashboard/jobs/{id}"),
+            Some(&format!("Job {id} was put back to pending.")),
+        ),
+        Err(e) => error_response(&s, e),
+    }
+}
+
+#[handler]
+async fn cancel_job(
+    req: &Request,
+    Data(state): Data<&AppState>,
+    Path(id): Path<i64>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    let s = match session_for_post(req, state, f.csrf.as_deref()) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match service::cancel_job(state, &s.principal, id).await {
+        Ok(_) => redirect(
+            &format!("/dashboard/jobs/{id}"),
+            Some(&format!("Job {id} was cancelled.")),
+        ),
+        Err(e) => error_response(&s, e),
+    }
+}
+
+#[derive(Deserialize)]
+struct BulkRetryForm {
+    csrf: Option<String>,
+    #[serde(flatten)]
+    filter: FilterParams,
+}
+
+#[handler]
+async fn bulk_retry(
+    req: &Request,
+    Data(state): Data<&AppState>,
+    Form(f): Form<BulkRetryForm>,
+) -> Response {
+    let s = match session_for_post(req, state, f.csrf.as_deref()) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    // Paging and status do not narrow a bulk retry: it acts on every dead or cancelled match.
+    let params = FilterParams {
+        status: String::new(),
+        before_id: String::new(),
+        ..f.filter
+    };
+    let result = match params.to_filter() {
+        Ok(filter) => service::bulk_retry(state, &s.principal, filter).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(n) => redirect(
+            &format!("/dashboard/jobs?{}", params.query(None)),
+            Some(&format!(
+                "{n} job{} matching the filter put back to pending.",
+                if n == 1 { "" } else { "s" }
+            )),
+        ),
+        Err(e) => error_response(&s, e),
+    }
+}
+
+#[derive(Deserialize)]
+struct PurgeForm {
+    csrf: Option<String>,
+    days: String,
+}
+
+#[handler]
+async fn purge(req: &Request, Data(state): Data<&AppState>, Form(f): Form<PurgeForm>) -> Response {
+    let s = match session_for_post(req, state, f.csrf.as_deref()) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let result = match f.days.trim().parse::<u32>() {
+        Ok(days) => service::purge(state, &s.principal, days)
+            .await
+            .map(|n| (days, n)),
+        Err(_) => Err(OpsError::Invalid("days must be a whole number".into())),
+    };
+    match result {
+        Ok((days, n)) => redirect(
+            "/dashboard/jobs",
+            Some(&format!(
+                "Purged {n} finished job{} older than {days} day{}.",
+                if n == 1 { "" } else { "s" },
+                if days == 1 { "" } else { "s" }
+            )),
+        ),
+        Err(e) => error_response(&s, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secure_cookie_defaults_off_and_unreadable_values_turn_it_on() {
+        assert!(!secure_cookie_setting(None));
+        assert!(!secure_cookie_setting(Some("false")));
+        assert!(!secure_cookie_setting(Some(" 0 ")));
+        assert!(secure_cookie_setting(Some("TRUE")));
+        assert!(secure_cookie_setting(Some("1")));
+        assert!(secure_cookie_setting(Some("maybe")));
+        assert!(set_cookie("a", "b", None, true).ends_with("; Secure"));
+        assert!(!set_cookie("a", "b", None, false).contains("Secure"));
+    }
+
+    #[test]
+    fn csrf_tokens_are_bound_to_the_session() {
+        let t = csrf_token("session-one");
+        assert!(csrf_valid("session-one", Some(&t)));
+        assert!(!csrf_valid("session-two", Some(&t)));
+        assert!(!csrf_valid("session-one", None));
+        assert!(!csrf_valid("session-one", Some("zz")));
+        assert!(!csrf_valid("session-one", Some("")));
+    }
+}

@@ -1,0 +1,279 @@
+//! The ops actions and views shared by the dashboard and the JSON ops API, so both apply the
+//! same role rules and write the same audit rows: ops act on every tenant, admins only on
+//! their own, agents on nothing.
+
+use chrono::{Duration, Utc};
+use jobs::ids::{JobId, TenantId};
+use jobs::queue::{
+    AccountHealth, AuditEntry, JobFilter, JobRecord, OldestPending, QueueCount, QueueError,
+    ThroughputBucket,
+};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::{Principal, Role};
+
+/// The width of a throughput bucket and the window the charts cover.
+pub const BUCKET_SECS: i64 = 300;
+pub const WINDOW_SECS: i64 = 3600;
+/// The longest purge horizon accepted: ten years, i.e. "everything" without overflow.
+pub const MAX_PURGE_DAYS: u32 = 3650;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("job not found")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// Which tenant a principal's ops views are limited to: `None` means every tenant.
+pub fn scope(p: &Principal) -> Result<Option<TenantId>, OpsError> {
+    match p.role {
+        Role::Ops => Ok(None),
+        Role::Admin => Ok(Some(p.tenant)),
+        Role::Agent => Err(OpsError::Forbidden(
+            "the ops views need the ops or admin role",
+        )),
+    }
+}
+
+/// Narrows a filter to what the principal may see. An admin naming another tenant is refused
+/// rather than silently shown their own jobs under the other tenant's filter.
+pub fn scoped_filter(p: &Principal, mut filter: JobFilter) -> Result<JobFilter, OpsError> {
+    if let Some(own) = scope(p)? {
+        if filter.tenant.is_some_and(|t| t != own) {
+            return Err(OpsError::Forbidden(
+                "admins see only their own tenant's jobs",
+            ));
+        }
+        filter.tenant = Some(own);
+    }
+    Ok(filter)
+}
+
+pub async fn list_jobs(
+    state: &AppState,
+    p: &Principal,
+    filter: JobFilter,
+) -> Result<Vec<JobRecord>, OpsError> {
+    let filter = scoped_filter(p, filter)?;
+    Ok(state.queue.list_jobs(&filter).await?)
+}
+
+/// A job the principal may see; another tenant's job is indistinguishable from a missing one.
+pub async fn get_job(state: &AppState, p: &Principal, id: i64) -> Result<JobRecord, OpsError> {
+    let own = scope(p)?;
+    state
+        .queue
+        .get_job(JobId::new(id))
+        .await?
+        .filter(|j| own.is_none_or(|t| j.tenant_id == Some(t.as_uuid())))
+        .ok_or(OpsError::NotFound)
+}
+
+pub async fn retry_job(state: &AppState, p: &Principal, id: i64) -> Result<JobRecord, OpsError> {
+    let job = get_job(state, p, id).await?;
+    if !state.queue.retry_job(JobId::new(id)).await? {
+        return Err(OpsError::Conflict(format!(
+            "job {id} is {}: only dead or cancelled jobs can be retried",
+            job.status
+        )));
+    }
+    audit(
+        state,
+        p,
+        job.tenant_id,
+        "job.retried",
+        "job",
+        &id.to_string(),
+        json!({ "queue": job.queue, "previous_status": job.status, "previous_attempts": job.attempts }),
+    )
+    .await?;
+    get_job(state, p, id).await
+}
+
+pub async fn cancel_job(state: &AppState, p: &Principal, id: i64) -> Result<JobRecord, OpsError> {
+    let job = get_job(state, p, id).await?;
+    if !state.queue.cancel_job(JobId::new(id)).await? {
+        return Err(OpsError::Conflict(format!(
+            "job {id} is {}: only pending jobs can be cancelled",
+            job.status
+        )));
+    }
+    audit(
+        state,
+        p,
+        job.tenant_id,
+        "job.cancelled",
+        "job",
+        &id.to_string(),
+        json!({ "queue": job.queue }),
+    )
+    .await?;
+    get_job(state, p, id).await
+}
+
+/// Retries every dead or cancelled job matching the filter (its status is ignored).
+pub async fn bulk_retry(
+    state: &AppState,
+    p: &Principal,
+    filter: JobFilter,
+) -> Result<u64, OpsError> {
+    let filter = scoped_filter(p, filter)?;
+    let n = state.queue.retry_matching(&filter).await?;
+    audit(
+        state,
+        p,
+        filter.tenant.map(|t| t.as_uuid()),
+        "job.bulk_retried",
+        "jobs",
+        "filter",
+        json!({ "filter": filter_json(&filter), "retried": n }),
+    )
+    .await?;
+    Ok(n)
+}
+
+/// Deletes finished jobs older than `days`. Purging is not tenant-scoped, so only ops may.
+pub async fn purge(state: &AppState, p: &Principal, days: u32) -> Result<u64, OpsError> {
+    if scope(p)?.is_some() {
+        return Err(OpsError::Forbidden(
+            "purging finished jobs affects every tenant and needs the ops role",
+        ));
+    }
+    if !(1..=MAX_PURGE_DAYS).contains(&days) {
+        return Err(OpsError::Invalid(format!(
+            "older_than_days must be between 1 and {MAX_PURGE_DAYS}"
+        )));
+    }
+    let before = Utc::now() - Duration::days(i64::from(days));
+    let n = state.queue.purge_finished(before).await?;
+    audit(
+        state,
+        p,
+        None,
+        "jobs.purged",
+        "jobs",
+        "finished",
+        json!({ "older_than_days": days, "before": before, "purged": n }),
+    )
+    .await?;
+    Ok(n)
+}
+
+pub struct Overview {
+    pub counts: Vec<QueueCount>,
+    pub oldest: Vec<OldestPending>,
+    pub throughput: Vec<ThroughputBucket>,
+}
+
+pub async fn overview(state: &AppState, p: &Principal) -> Result<Overview, OpsError> {
+    let own = scope(p)?;
+    let since = Utc::now() - Duration::seconds(WINDOW_SECS - BUCKET_SECS);
+    Ok(Overview {
+        counts: state.queue.queue_counts(own).await?,
+        oldest: state.queue.oldest_pending(own).await?,
+        throughput: state.queue.throughput(own, since, BUCKET_SECS).await?,
+    })
+}
+
+pub async fn accounts(state: &AppState, p: &Principal) -> Result<Vec<AccountHealth>, OpsError> {
+    let own = scope(p)?;
+    Ok(state.queue.account_health(own).await?)
+}
+
+fn filter_json(f: &JobFilter) -> Value {
+    json!({
+        "queue": f.queue,
+        "tenant_id": f.tenant.map(|t| t.as_uuid()),
+        "account_id": f.account.map(|a| a.as_uuid()),
+        "error": f.error_contains,
+    })
+}
+
+async fn audit(
+    state: &AppState,
+    p: &Principal,
+    tenant: Option<uuid::Uuid>,
+    action: &'static str,
+    entity_type: &str,
+    entity_id: &str,
+    details: Value,
+) -> Result<(), OpsError> {
+    metrics::counter!("graphdesk_ops_actions_total", "action" => action).increment(1);
+    let details = json!({ "role": p.role.as_str(), "detail": details });
+    state
+        .queue
+        .audit(&AuditEntry {
+            tenant,
+            actor: &p.subject,
+            action,
+            entity_type,
+            entity_id,
+            details: &details,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Job arguments as ops may see them: the value of any key that names a credential is
+/// replaced, at any depth, so the dashboard and the API never echo one.
+#[must_use]
+pub fn redact(value: Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| {
+                    if is_sensitive(&k) {
+                        (k, Value::String("[REDACTED]".into()))
+                    } else {
+                        (k, redact(v))
+                    }
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(redact).collect()),
+        other => other,
+    }
+}
+
+fn is_sensitive(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["token", "secret", "password", "code_verifier"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_redacted_at_any_depth_and_other_keys_kept() {
+        let raw = json!({
+            "account": "a1",
+            "access_token": "x",
+            "nested": [{ "Client_Secret": "y", "keep": 1 }, { "deep": { "password": "z" } }],
+            "pkce": { "code_verifier": "v" },
+            "folder": "inbox",
+        });
+        assert_eq!(
+            redact(raw),
+            json!({
+                "account": "a1",
+                "access_token": "[REDACTED]",
+                "nested": [{ "Client_Secret": "[REDACTED]", "keep": 1 },
+                           { "deep": { "password": "[REDACTED]" } }],
+                "pkce": { "code_verifier": "[REDACTED]" },
+                "folder": "inbox",
+            })
+        );
+    }
+}
