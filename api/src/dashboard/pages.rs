@@ -22,7 +22,7 @@ main{padding:20px 24px;max-width:1280px}
 h1{font-size:20px;margin:0 0 16px}
 h2{font-size:15px;margin:24px 0 8px}
 table{border-collapse:collapse;background:#fff;width:100%;box-shadow:0 1px 2px rgba(0,0,0,.06)}
-th,td{padding:6px 10px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:top}
+th,td{padding:6px 8px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:top}
 th{background:#f1f5f9;font-weight:600;font-size:12px;text-transform:uppercase;color:#475569}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .err{color:#b91c1c;font-family:ui-monospace,monospace;font-size:12px;word-break:break-word}
@@ -53,6 +53,8 @@ dt{color:#475569}dd{margin:0}
 .muted{color:#64748b}
 .pager{margin-top:12px}
 .nowrap{white-space:nowrap}
+#accounts{font-size:13px}
+#accounts td.err{min-width:180px}
 "#;
 
 fn layout(s: Option<&Session>, title: &str, body: Markup) -> Markup {
@@ -380,15 +382,15 @@ pub fn accounts(s: &Session, accounts: &[AccountHealth]) -> Markup {
                                 (status_badge(&a.status))
                                 @if let Some(r) = &a.status_reason { br; span.muted { (r) } }
                             }
-                            td { @match a.sync_lag_seconds {
+                            td.nowrap { @match a.sync_lag_seconds {
                                 Some(secs) => (human_secs(secs)),
                                 None => span.muted { "never synced" },
                             } }
-                            td.nowrap { (ts(a.last_sync_success_at)) }
+                            td.nowrap { (ts_short(a.last_sync_success_at)) }
                             td.err { (truncate(a.last_sync_error.as_deref().unwrap_or(""), 160)) }
-                            td { (token_expiry(a.token_expires_at)) }
-                            td { @match a.throttled_until {
-                                Some(t) if t > Utc::now() => span.err { "until " (t.format("%H:%M:%S UTC")) },
+                            td.nowrap { (token_expiry(a.token_expires_at)) }
+                            td.nowrap { @match a.throttled_until {
+                                Some(t) if t > Utc::now() => span.err title=(t.to_rfc3339()) { "until " (t.format("%H:%M:%S")) },
                                 _ => span.muted { "no" },
                             } }
                             td.num { (a.messages_ingested) }
@@ -437,6 +439,13 @@ fn ts(t: Option<DateTime<Utc>>) -> Markup {
     match t {
         Some(t) => html! { span title=(t.to_rfc3339()) { (t.format("%Y-%m-%d %H:%M:%S UTC")) } },
         None => html! { span.muted { "–" } },
+    }
+}
+
+fn ts_short(t: Option<DateTime<Utc>>) -> Markup {
+    match t {
+        Some(t) => html! { span title=(t.to_rfc3339()) { (t.format("%m-%d %H:%M")) } },
+        None => html! { span.muted { "never" } },
     }
 }
 

@@ -1,0 +1,1321 @@
+//! The ops dashboard, the ops JSON API and /metrics: role rules, audit rows, CSRF, metrics
+//! values, and the dashboard driven end to end in headless Chromium.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use chrono::Utc;
+use fantoccini::{ClientBuilder, Locator};
+use graphdesk_tests::{TestApp, TestRole, WorkerOptions, spawn_app, spawn_worker, wait_for_count};
+use jobs::ids::TenantId;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const PROBE: &str = "graphdesk.probe";
+const SYNC: &str = "graphdesk.sync_mailbox";
+
+/// A queue_jobs row written directly, so a test can set up any state (dead, aged, finished
+/// long ago) without waiting for a worker to get there.
+struct JobRow {
+    queue: &'static str,
+    status: &'static str,
+    tenant: Option<TenantId>,
+    payload: Value,
+    last_error: Option<&'static str>,
+    errors: Value,
+    run_at_ago_secs: i64,
+    finished_ago_secs: Option<i64>,
+}
+
+impl Default for JobRow {
+    fn default() -> Self {
+        Self {
+            queue: PROBE,
+            status: "pending",
+            tenant: None,
+            payload: json!({}),
+            last_error: None,
+            errors: json!([]),
+            run_at_ago_secs: 0,
+            finished_ago_secs: None,
+        }
+    }
+}
+
+impl JobRow {
+    fn dead(tenant: TenantId, error: &'static str) -> Self {
+        Self {
+            status: "dead",
+            tenant: Some(tenant),
+            last_error: Some(error),
+            errors: json!([
+                { "attempt": 1, "at": Utc::now(), "kind": "retry", "error": "first try failed" },
+                { "attempt": 2, "at": Utc::now(), "kind": "dead", "error": error },
+            ]),
+            finished_ago_secs: Some(0),
+            ..Self::default()
+        }
+    }
+
+    async fn insert(self, pool: &PgPool) -> i64 {
+        let finished = matches!(self.status, "done" | "dead" | "cancelled");
+        let attempts = if finished && self.status != "cancelled" {
+            2
+        } else {
+            0
+        };
+        sqlx::query_scalar(
+            "INSERT INTO queue_jobs (queue, tenant_id, payload, status, attempts, max_attempts,
+                                     run_at, last_error, errors, finished_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, 2, now() - make_interval(secs => $6), $7, $8,
+                     CASE WHEN $9::float8 IS NULL THEN NULL
+                          ELSE now() - make_interval(secs => $9::float8) END,
+                     now() - make_interval(secs => coalesce($9::float8, 0)))
+             RETURNING id",
+        )
+        .bind(self.queue)
+        .bind(self.tenant.map(|t| t.as_uuid()))
+        .bind(&self.payload)
+        .bind(self.status)
+        .bind(attempts)
+        .bind(self.run_at_ago_secs as f64)
+        .bind(self.last_error)
+        .bind(&self.errors)
+        .bind(
+            self.finished_ago_secs
+                .or(finished.then_some(0))
+                .map(|s| s as f64),
+        )
+        .fetch_one(pool)
+        .await
+        .expect("insert job")
+    }
+}
+
+struct AccountRow {
+    tenant: TenantId,
+    email: &'static str,
+    status: &'static str,
+    last_error: Option<&'static str>,
+    ingested: i64,
+    duplicates: i64,
+}
+
+impl AccountRow {
+    async fn insert(self, pool: &PgPool) -> Uuid {
+        let id = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO helpdesk_email_accounts
+                 (id, tenant_id, email_address, status, status_reason, last_sync_success_at,
+                  last_sync_error, token_expires_at, throttled_until, messages_ingested,
+                  duplicates_skipped)
+             VALUES ($1, $2, $3, $4,
+                     CASE WHEN $4 = 'needs_reauth' THEN 'refresh token revoked' END,
+                     now() - interval '95 seconds', $5,
+                     now() + interval '40 minutes',
+                     CASE WHEN $4 = 'needs_reauth' THEN now() + interval '3 minutes' END,
+                     $6, $7)",
+        )
+        .bind(id)
+        .bind(self.tenant.as_uuid())
+        .bind(self.email)
+        .bind(self.status)
+        .bind(self.last_error)
+        .bind(self.ingested)
+        .bind(self.duplicates)
+        .execute(pool)
+        .await
+        .expect("insert account");
+        id
+    }
+}
+
+async fn status_of(pool: &PgPool, id: i64) -> Option<String> {
+    sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct AuditRow {
+    tenant_id: Option<Uuid>,
+    actor: String,
+    action: String,
+    entity_type: String,
+    entity_id: String,
+    details: Value,
+}
+
+async fn audit_rows(pool: &PgPool) -> Vec<AuditRow> {
+    sqlx::query_as(
+        "SELECT tenant_id, actor, action, entity_type, entity_id, details
+         FROM audit_log ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn call(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = app.client.request(method, app.url(path)).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn get(app: &TestApp, path: &str, token: &str) -> (u16, Value) {
+    call(app, reqwest::Method::GET, path, token, None).await
+}
+
+async fn post(app: &TestApp, path: &str, token: &str, body: Value) -> (u16, Value) {
+    call(app, reqwest::Method::POST, path, token, Some(body)).await
+}
+
+fn ids(page: &Value) -> HashSet<i64> {
+    page["jobs"]
+        .as_array()
+        .expect("jobs array")
+        .iter()
+        .map(|j| j["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn ops_api_applies_role_rules_and_audits_every_action() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let ta = app.db.create_tenant("tenant-a").await;
+    let tb = app.db.create_tenant("tenant-b").await;
+    let ops = app.token(tb, TestRole::Ops);
+    let admin_a = app.token(ta, TestRole::Admin);
+    let agent_a = app.token(ta, TestRole::Agent);
+
+    let dead_a = JobRow {
+        payload: json!({ "marker": "m", "access_token": "plain-secret", "nested": { "password": "p" } }),
+        ..JobRow::dead(ta, "boom in tenant a")
+    }
+    .insert(pool)
+    .await;
+    let dead_b = JobRow::dead(tb, "boom in tenant b").insert(pool).await;
+    let pending_a = JobRow {
+        tenant: Some(ta),
+        run_at_ago_secs: 120,
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+
+    // Listing: ops see every tenant, admins their own, agents nothing.
+    let (s, page) = get(&app, "/api/v1/jobs", &ops).await;
+    assert_eq!(s, 200, "{page}");
+    assert_eq!(ids(&page), HashSet::from([dead_a, dead_b, pending_a]));
+    let (s, page) = get(&app, "/api/v1/jobs", &admin_a).await;
+    assert_eq!(s, 200);
+    assert_eq!(ids(&page), HashSet::from([dead_a, pending_a]));
+    let (s, _) = get(&app, &format!("/api/v1/jobs?tenant_id={tb}"), &admin_a).await;
+    assert_eq!(s, 403, "an admin cannot ask for another tenant");
+    let (s, body) = get(&app, "/api/v1/jobs", &agent_a).await;
+    assert_eq!(s, 403);
+    assert_eq!(body["code"], "forbidden");
+
+    // Arguments never show credentials.
+    let (_, page) = get(
+        &app,
+        &format!("/api/v1/jobs?status=dead&tenant_id={ta}"),
+        &ops,
+    )
+    .await;
+    let job = &page["jobs"][0];
+    assert_eq!(job["id"], dead_a);
+    assert_eq!(job["arguments"]["access_token"], "[REDACTED]");
+    assert_eq!(job["arguments"]["nested"]["password"], "[REDACTED]");
+    assert_eq!(job["arguments"]["marker"], "m");
+    assert_eq!(job["errors"].as_array().unwrap().len(), 2);
+
+    // Filters and keyset pagination.
+    let (_, page) = get(&app, "/api/v1/jobs?error=TENANT%20B", &ops).await;
+    assert_eq!(ids(&page), HashSet::from([dead_b]));
+    let (_, page) = get(
+        &app,
+        &format!("/api/v1/jobs?queue={PROBE}&status=pending"),
+        &ops,
+    )
+    .await;
+    assert_eq!(ids(&page), HashSet::from([pending_a]));
+    let (_, first) = get(&app, "/api/v1/jobs?limit=2", &ops).await;
+    assert_eq!(ids(&first), HashSet::from([pending_a, dead_b]));
+    let next = first["next_before_id"].as_i64().expect("a next page");
+    let (_, second) = get(
+        &app,
+        &format!("/api/v1/jobs?limit=2&before_id={next}"),
+        &ops,
+    )
+    .await;
+    assert_eq!(ids(&second), HashSet::from([dead_a]));
+    assert!(second["next_before_id"].is_null());
+    let (s, _) = get(&app, "/api/v1/jobs?status=exploded", &ops).await;
+    assert_eq!(s, 400);
+
+    // Single retry: another tenant's job does not exist for an admin.
+    let (s, _) = post(
+        &app,
+        &format!("/api/v1/jobs/{dead_b}/retry"),
+        &admin_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 404);
+    assert_eq!(status_of(pool, dead_b).await.as_deref(), Some("dead"));
+    let (s, _) = post(
+        &app,
+        &format!("/api/v1/jobs/{dead_a}/retry"),
+        &agent_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 403);
+    assert!(
+        audit_rows(pool).await.is_empty(),
+        "refused calls are not audited"
+    );
+    let (s, job) = post(
+        &app,
+        &format!("/api/v1/jobs/{dead_a}/retry"),
+        &admin_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 200, "{job}");
+    assert_eq!(job["status"], "pending");
+    assert_eq!(job["attempts"], 0);
+    assert_eq!(job["arguments"]["access_token"], "[REDACTED]");
+    assert_eq!(status_of(pool, dead_a).await.as_deref(), Some("pending"));
+    let (s, body) = post(
+        &app,
+        &format!("/api/v1/jobs/{dead_a}/retry"),
+        &admin_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 409, "a pending job cannot be retried: {body}");
+
+    // Cancel.
+    let (s, _) = post(
+        &app,
+        &format!("/api/v1/jobs/{pending_a}/cancel"),
+        &agent_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, job) = post(
+        &app,
+        &format!("/api/v1/jobs/{pending_a}/cancel"),
+        &admin_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(
+        status_of(pool, pending_a).await.as_deref(),
+        Some("cancelled")
+    );
+    let (s, _) = post(
+        &app,
+        &format!("/api/v1/jobs/{dead_b}/cancel"),
+        &ops,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 409, "only pending jobs can be cancelled");
+
+    // Bulk retry by filter.
+    let (s, _) = post(
+        &app,
+        "/api/v1/jobs/retry",
+        &admin_a,
+        json!({ "tenant_id": tb }),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, _) = post(&app, "/api/v1/jobs/retry", &agent_a, json!({})).await;
+    assert_eq!(s, 403);
+    let (s, body) = post(
+        &app,
+        "/api/v1/jobs/retry",
+        &ops,
+        json!({ "error": "tenant b" }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["count"], 1);
+    assert_eq!(status_of(pool, dead_b).await.as_deref(), Some("pending"));
+    assert_eq!(
+        status_of(pool, pending_a).await.as_deref(),
+        Some("cancelled"),
+        "the error filter kept tenant a's cancelled job out"
+    );
+
+    // Purge: ops only, and only jobs finished before the horizon.
+    let old_done = JobRow {
+        status: "done",
+        tenant: Some(ta),
+        finished_ago_secs: Some(10 * 86_400),
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+    let recent_done = JobRow {
+        status: "done",
+        tenant: Some(ta),
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+    let (s, _) = post(
+        &app,
+        "/api/v1/jobs/purge",
+        &admin_a,
+        json!({ "older_than_days": 7 }),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, _) = post(
+        &app,
+        "/api/v1/jobs/purge",
+        &ops,
+        json!({ "older_than_days": 0 }),
+    )
+    .await;
+    assert_eq!(s, 400);
+    let (s, body) = post(
+        &app,
+        "/api/v1/jobs/purge",
+        &ops,
+        json!({ "older_than_days": 7 }),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["count"], 1);
+    assert_eq!(status_of(pool, old_done).await, None);
+    assert_eq!(status_of(pool, recent_done).await.as_deref(), Some("done"));
+
+    let audit = audit_rows(pool).await;
+    let summary: Vec<(&str, &str, &str, Option<Uuid>)> = audit
+        .iter()
+        .map(|a| {
+            (
+                a.action.as_str(),
+                a.entity_type.as_str(),
+                a.entity_id.as_str(),
+                a.tenant_id,
+            )
+        })
+        .collect();
+    let (dead_a_id, pending_a_id) = (dead_a.to_string(), pending_a.to_string());
+    assert_eq!(
+        summary,
+        vec![
+            ("job.retried", "job", dead_a_id.as_str(), Some(ta.as_uuid())),
+            (
+                "job.cancelled",
+                "job",
+                pending_a_id.as_str(),
+                Some(ta.as_uuid())
+            ),
+            ("job.bulk_retried", "jobs", "filter", None),
+            ("jobs.purged", "jobs", "finished", None),
+        ]
+    );
+    assert!(audit.iter().all(|a| a.actor == "test-user"));
+    assert_eq!(audit[0].details["role"], "admin");
+    assert_eq!(audit[0].details["detail"]["previous_status"], "dead");
+    assert_eq!(audit[2].details["detail"]["filter"]["error"], "tenant b");
+    assert_eq!(audit[2].details["detail"]["retried"], 1);
+    assert_eq!(audit[3].details["detail"]["purged"], 1);
+    assert_eq!(audit[3].details["role"], "ops");
+}
+
+#[tokio::test]
+async fn ops_overview_and_account_health_follow_the_role_rules() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let ta = app.db.create_tenant("tenant-a").await;
+    let tb = app.db.create_tenant("tenant-b").await;
+    let ops = app.token(ta, TestRole::Ops);
+    let admin_b = app.token(tb, TestRole::Admin);
+
+    JobRow {
+        tenant: Some(ta),
+        run_at_ago_secs: 300,
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+    JobRow {
+        tenant: Some(tb),
+        run_at_ago_secs: 30,
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+    // Scheduled for a later retry: waiting on time, not on capacity.
+    JobRow {
+        queue: SYNC,
+        tenant: Some(tb),
+        run_at_ago_secs: -600,
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+    JobRow::dead(tb, "gone").insert(pool).await;
+    for _ in 0..3 {
+        JobRow {
+            status: "done",
+            tenant: Some(tb),
+            ..JobRow::default()
+        }
+        .insert(pool)
+        .await;
+    }
+
+    let (s, o) = get(&app, "/api/v1/ops/overview", &ops).await;
+    assert_eq!(s, 200, "{o}");
+    let queue = |o: &Value, name: &str| -> Value {
+        o["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["queue"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("queue {name} in {o}"))
+    };
+    let probe = queue(&o, PROBE);
+    assert_eq!(
+        (&probe["pending"], &probe["dead"], &probe["done"]),
+        (&json!(2), &json!(1), &json!(3))
+    );
+    let age = probe["oldest_pending_seconds"].as_f64().unwrap();
+    assert!((299.0..400.0).contains(&age), "{age}");
+    assert!(
+        queue(&o, SYNC)["oldest_pending_seconds"].is_null(),
+        "a job scheduled in the future is not waiting"
+    );
+    assert_eq!(o["bucket_seconds"], 300);
+    let buckets = o["throughput"].as_array().unwrap();
+    assert!((12..=13).contains(&buckets.len()), "{}", buckets.len());
+    let sum = |k: &str| buckets.iter().map(|b| b[k].as_i64().unwrap()).sum::<i64>();
+    assert_eq!(sum("done"), 3);
+    // The dead job's history has one retry and one dead attempt: both are failures.
+    assert_eq!(sum("failed"), 2);
+
+    let (_, o) = get(&app, "/api/v1/ops/overview", &admin_b).await;
+    let probe = queue(&o, PROBE);
+    assert_eq!(
+        probe["pending"], 1,
+        "tenant a's job is not counted for b's admin"
+    );
+    let age = probe["oldest_pending_seconds"].as_f64().unwrap();
+    assert!(age < 200.0, "{age}");
+    let (s, _) = get(
+        &app,
+        "/api/v1/ops/overview",
+        &app.token(ta, TestRole::Agent),
+    )
+    .await;
+    assert_eq!(s, 403);
+
+    let a1 = AccountRow {
+        tenant: ta,
+        email: "help@a.example",
+        status: "needs_reauth",
+        last_error: Some("invalid_grant"),
+        ingested: 10,
+        duplicates: 1,
+    }
+    .insert(pool)
+    .await;
+    let b1 = AccountRow {
+        tenant: tb,
+        email: "support@b.example",
+        status: "active",
+        last_error: None,
+        ingested: 4,
+        duplicates: 0,
+    }
+    .insert(pool)
+    .await;
+    let (s, accounts) = get(&app, "/api/v1/accounts", &ops).await;
+    assert_eq!(s, 200, "{accounts}");
+    let accounts = accounts.as_array().unwrap();
+    assert_eq!(accounts.len(), 2);
+    let first = &accounts[0];
+    assert_eq!(first["id"], a1.to_string(), "needs_reauth sorts first");
+    assert_eq!(first["status"], "needs_reauth");
+    assert_eq!(first["last_sync_error"], "invalid_grant");
+    assert_eq!(first["messages_ingested"], 10);
+    assert_eq!(first["duplicates_skipped"], 1);
+    assert_eq!(
+        first["reconnect_url"],
+        format!("/api/v1/oauth/connect?account={a1}")
+    );
+    let lag = first["sync_lag_seconds"].as_f64().unwrap();
+    assert!((94.0..200.0).contains(&lag), "{lag}");
+    assert!(first["throttled_until"].is_string());
+    assert!(first["token_expires_at"].is_string());
+    let (_, mine) = get(&app, "/api/v1/accounts", &admin_b).await;
+    let mine: Vec<&Value> = mine.as_array().unwrap().iter().map(|a| &a["id"]).collect();
+    assert_eq!(mine, vec![&json!(b1.to_string())]);
+    let (s, _) = get(&app, "/api/v1/accounts", &app.token(tb, TestRole::Agent)).await;
+    assert_eq!(s, 403);
+}
+
+/// A dashboard user over plain HTTP with a cookie kept by hand, to see exactly what is sent.
+struct DashClient {
+    http: reqwest::Client,
+    base: String,
+    session: Option<String>,
+}
+
+impl DashClient {
+    fn new(app: &TestApp) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            base: app.address.clone(),
+            session: None,
+        }
+    }
+
+    async fn login(&mut self, token: &str) -> reqwest::Response {
+        let resp = self
+            .http
+            .post(format!("{}/dashboard/login", self.base))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        self.session = set_cookies(&resp)
+            .into_iter()
+            .find(|c| c.starts_with("gd_session=") && !c.starts_with("gd_session=;"))
+            .map(|c| c.split(';').next().unwrap().to_string());
+        resp
+    }
+
+    fn cookie(&self, extra: Option<&str>) -> String {
+        [self.session.as_deref(), extra]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    async fn get(&self, path: &str, extra_cookie: Option<&str>) -> (u16, String) {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("cookie", self.cookie(extra_cookie))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("cookie", self.cookie(None))
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+fn set_cookies(resp: &reqwest::Response) -> Vec<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
+}
+
+fn csrf_in(page: &str) -> String {
+    let at = page
+        .find(r#"name="csrf" value=""#)
+        .expect("a CSRF field on the page");
+    let rest = &page[at + r#"name="csrf" value=""#.len()..];
+    rest[..rest.find('"').unwrap()].to_string()
+}
+
+#[tokio::test]
+async fn dashboard_sessions_csrf_escaping_and_tenant_scope() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let ta = app.db.create_tenant("tenant-a").await;
+    let tb = app.db.create_tenant("tenant-b").await;
+    let dead = JobRow {
+        payload: json!({ "refresh_token": "s3cret-refresh", "marker": "visible-marker" }),
+        ..JobRow::dead(ta, "<script>alert(1)</script> upstream said no")
+    }
+    .insert(pool)
+    .await;
+
+    let mut dash = DashClient::new(&app);
+    let resp = dash.http.get(app.url("/dashboard")).send().await.unwrap();
+    assert_eq!(resp.status(), 303, "no session: off to the login page");
+    assert_eq!(resp.headers()["location"], "/dashboard/login");
+    let (s, login) = dash.get("/dashboard/login", None).await;
+    assert_eq!(s, 200);
+    assert!(login.contains(r#"name="token""#));
+
+    let resp = dash.login("not-a-jwt").await;
+    assert_eq!(resp.status(), 401);
+    assert!(dash.session.is_none());
+    let resp = dash.login(&app.token(ta, TestRole::Agent)).await;
+    assert_eq!(resp.status(), 403);
+    assert!(dash.session.is_none(), "agents get no session");
+    assert!(resp.text().await.unwrap().contains("Access denied"));
+
+    let ops_token = app.token(ta, TestRole::Ops);
+    let resp = dash.login(&ops_token).await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/dashboard");
+    let cookie = set_cookies(&resp)
+        .into_iter()
+        .find(|c| c.starts_with("gd_session="))
+        .unwrap();
+    assert!(cookie.starts_with(&format!("gd_session={ops_token};")));
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/dashboard"] {
+        assert!(cookie.contains(attr), "{cookie} has {attr}");
+    }
+    assert!(
+        !cookie.contains("Secure"),
+        "DASHBOARD_SECURE_COOKIE defaults to false"
+    );
+
+    // The job page escapes what a job's error says and never shows a credential.
+    let (s, page) = dash.get(&format!("/dashboard/jobs/{dead}"), None).await;
+    assert_eq!(s, 200);
+    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt; upstream said no"));
+    assert!(!page.contains("<script>alert"));
+    assert!(page.contains("visible-marker"));
+    assert!(page.contains("[REDACTED]"));
+    assert!(!page.contains("s3cret-refresh"));
+    assert!(
+        page.contains("first try failed"),
+        "each attempt's error is listed"
+    );
+    let csrf = csrf_in(&page);
+
+    // Form posts without the session's CSRF token change nothing.
+    let retry = format!("/dashboard/jobs/{dead}/retry");
+    let resp = dash.post(&retry, &[]).await;
+    assert_eq!(resp.status(), 403);
+    let resp = dash.post(&retry, &[("csrf", &"00".repeat(32))]).await;
+    assert_eq!(resp.status(), 403);
+    let mut other = DashClient::new(&app);
+    other.login(&app.token(tb, TestRole::Ops)).await;
+    let (_, other_page) = other.get("/dashboard/jobs", None).await;
+    let other_csrf = csrf_in(&other_page);
+    assert_ne!(other_csrf, csrf);
+    let resp = dash.post(&retry, &[("csrf", &other_csrf)]).await;
+    assert_eq!(resp.status(), 403, "another session's token does not fit");
+    for path in ["/dashboard/jobs/retry", "/dashboard/jobs/purge"] {
+        let resp = dash.post(path, &[("days", "1")]).await;
+        assert_eq!(resp.status(), 403, "{path}");
+    }
+    assert_eq!(status_of(pool, dead).await.as_deref(), Some("dead"));
+    assert!(audit_rows(pool).await.is_empty());
+
+    let resp = dash.post(&retry, &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("/dashboard/jobs/{dead}")
+    );
+    let flash = set_cookies(&resp)
+        .into_iter()
+        .find(|c| c.starts_with("gd_flash="))
+        .expect("a flash message");
+    assert_eq!(status_of(pool, dead).await.as_deref(), Some("pending"));
+    let audit = audit_rows(pool).await;
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].action, "job.retried");
+    assert_eq!(audit[0].actor, "test-user");
+    let flash = flash.split(';').next().unwrap();
+    let (_, page) = dash
+        .get(&format!("/dashboard/jobs/{dead}"), Some(flash))
+        .await;
+    assert!(page.contains(&format!("Job {dead} was put back to pending.")));
+
+    // Bulk retry and purge through the forms.
+    let bulk = JobRow::dead(ta, "mailbox quota exceeded")
+        .insert(pool)
+        .await;
+    let resp = dash
+        .post(
+            "/dashboard/jobs/retry",
+            &[
+                ("csrf", &csrf),
+                ("error", "quota"),
+                ("queue", ""),
+                ("tenant", ""),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/dashboard/jobs?error=quota");
+    assert_eq!(status_of(pool, bulk).await.as_deref(), Some("pending"));
+    let old = JobRow {
+        status: "done",
+        finished_ago_secs: Some(3 * 86_400),
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+    let resp = dash
+        .post("/dashboard/jobs/purge", &[("csrf", &csrf), ("days", "2")])
+        .await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(status_of(pool, old).await, None);
+    let actions: Vec<String> = audit_rows(pool)
+        .await
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    assert_eq!(actions, ["job.retried", "job.bulk_retried", "jobs.purged"]);
+
+    // An admin of tenant b sees neither tenant a's jobs nor the purge form.
+    let mut admin = DashClient::new(&app);
+    admin.login(&app.token(tb, TestRole::Admin)).await;
+    let (s, _) = admin.get(&format!("/dashboard/jobs/{dead}"), None).await;
+    assert_eq!(s, 404);
+    let (s, list) = admin.get("/dashboard/jobs", None).await;
+    assert_eq!(s, 200);
+    assert!(!list.contains(&format!("data-job-id=\"{dead}\"")));
+    assert!(!list.contains("/dashboard/jobs/purge"));
+    let admin_csrf = csrf_in(&list);
+    let resp = admin
+        .post(
+            "/dashboard/jobs/purge",
+            &[("csrf", &admin_csrf), ("days", "1")],
+        )
+        .await;
+    assert_eq!(resp.status(), 403);
+
+    // Logging out clears the cookie.
+    let resp = dash.post("/dashboard/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(resp.status(), 303);
+    assert!(
+        set_cookies(&resp)
+            .iter()
+            .any(|c| c.starts_with("gd_session=;") && c.contains("Max-Age=0"))
+    );
+}
+
+fn sample<'a>(
+    scrape: &'a prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> &'a prometheus_parse::Value {
+    &scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("{name}{labels:?} in the scrape"))
+        .value
+}
+
+fn gauge(v: &prometheus_parse::Value) -> f64 {
+    match v {
+        prometheus_parse::Value::Gauge(g) => *g,
+        other => panic!("expected a gauge, got {other:?}"),
+    }
+}
+
+fn counter(v: &prometheus_parse::Value) -> f64 {
+    match v {
+        prometheus_parse::Value::Counter(c) => *c,
+        other => panic!("expected a counter, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn metrics_report_queue_accounts_and_ops_actions_in_prometheus_format() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let t = app.db.create_tenant("tenant").await;
+    let ops = app.token(t, TestRole::Ops);
+    JobRow {
+        run_at_ago_secs: 90,
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+    JobRow::default().insert(pool).await;
+    let dead = JobRow::dead(t, "nope").insert(pool).await;
+    JobRow {
+        queue: SYNC,
+        status: "running",
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+    for (email, status, ingested, duplicates) in [
+        ("a@x.example", "active", 30, 6),
+        ("b@x.example", "active", 6, 2),
+        ("c@x.example", "needs_reauth", 4, 0),
+    ] {
+        AccountRow {
+            tenant: t,
+            email,
+            status,
+            last_error: None,
+            ingested,
+            duplicates,
+        }
+        .insert(pool)
+        .await;
+    }
+    let (s, _) = post(&app, &format!("/api/v1/jobs/{dead}/retry"), &ops, json!({})).await;
+    assert_eq!(s, 200);
+
+    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let body = resp.text().await.unwrap();
+    // The parser skips lines it cannot read; insist that every line is well-formed.
+    for line in body.lines() {
+        assert!(
+            !matches!(
+                prometheus_parse::LineInfo::parse(line),
+                prometheus_parse::LineInfo::Ignored
+            ) || line.starts_with('#'),
+            "malformed metrics line: {line:?}"
+        );
+    }
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+
+    let depth = |queue: &str, status: &str| {
+        gauge(sample(
+            &scrape,
+            "graphdesk_queue_depth",
+            &[("queue", queue), ("status", status)],
+        ))
+    };
+    assert_eq!(
+        depth(PROBE, "pending"),
+        3.0,
+        "two pending plus the retried one"
+    );
+    assert_eq!(depth(PROBE, "dead"), 0.0);
+    assert_eq!(depth(SYNC, "running"), 1.0);
+    assert_eq!(
+        depth("graphdesk.send_reply", "pending"),
+        0.0,
+        "known queues always appear"
+    );
+    let oldest = gauge(sample(
+        &scrape,
+        "graphdesk_queue_oldest_pending_seconds",
+        &[("queue", PROBE)],
+    ));
+    assert!((89.0..200.0).contains(&oldest), "{oldest}");
+    assert_eq!(
+        gauge(sample(
+            &scrape,
+            "graphdesk_queue_oldest_pending_seconds",
+            &[("queue", SYNC)]
+        )),
+        0.0
+    );
+    let accounts = |status| gauge(sample(&scrape, "graphdesk_accounts", &[("status", status)]));
+    assert_eq!(accounts("active"), 2.0);
+    assert_eq!(accounts("needs_reauth"), 1.0);
+    assert_eq!(accounts("error"), 0.0);
+    assert_eq!(
+        counter(sample(&scrape, "graphdesk_messages_ingested_total", &[])),
+        40.0
+    );
+    assert_eq!(
+        counter(sample(&scrape, "graphdesk_duplicates_skipped_total", &[])),
+        8.0
+    );
+    assert_eq!(
+        gauge(sample(&scrape, "graphdesk_duplicate_detection_ratio", &[])),
+        8.0 / 48.0
+    );
+    // From the process's recorder (shared by every app in this test process, hence >=).
+    let retried = counter(sample(
+        &scrape,
+        "graphdesk_ops_actions_total",
+        &[("action", "job.retried")],
+    ));
+    assert!(retried >= 1.0, "{retried}");
+    assert!(scrape.docs.contains_key("graphdesk_queue_depth"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Headless Chromium
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// chromedriver on a free port plus one browser session; both end on drop.
+struct Browser {
+    client: fantoccini::Client,
+    _driver: tokio::process::Child,
+    profile: PathBuf,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+impl Browser {
+    async fn start() -> Self {
+        assert!(
+            std::path::Path::new(CHROMEDRIVER).exists() && std::path::Path::new(CHROMIUM).exists(),
+            "the dashboard tests need Debian's chromium and chromium-driver (scripts/test.sh installs them)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = tokio::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start chromedriver");
+        let url = format!("http://127.0.0.1:{port}");
+        let probe = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while probe.get(format!("{url}/status")).send().await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "chromedriver did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let profile = std::env::temp_dir().join(format!("graphdesk-chromium-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&profile).unwrap();
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            }),
+        );
+        let client = ClientBuilder::rustls()
+            .expect("rustls client")
+            .capabilities(caps)
+            .connect(&url)
+            .await
+            .expect("a chromium session");
+        Self {
+            client,
+            _driver: driver,
+            profile,
+        }
+    }
+
+    async fn goto(&self, app: &TestApp, path: &str) {
+        self.client.goto(&app.url(path)).await.unwrap();
+    }
+
+    /// The element's text. A click that navigates can leave us holding the old page's
+    /// element for a moment, so a stale element is looked up again.
+    async fn text(&self, css: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .client
+                .wait()
+                .at_most(Duration::from_secs(10))
+                .for_element(Locator::Css(css))
+                .await
+                .unwrap_or_else(|e| panic!("{css} on the page: {e}"));
+            match found.text().await {
+                Ok(text) => return text,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "looking {css} up again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{css} text: {e}"),
+            }
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        self.client
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css} on the page: {e}"))
+            .click()
+            .await
+            .unwrap();
+    }
+
+    /// Waits for a click's navigation, so the next lookup cannot read the previous page.
+    async fn wait_for_url(&self, fragment: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let url = self.client.current_url().await.unwrap();
+            if url.as_str().contains(fragment) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still on {url}, expected {fragment}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let field = self.client.find(Locator::Css(css)).await.unwrap();
+        field.clear().await.unwrap();
+        field.send_keys(text).await.unwrap();
+    }
+
+    async fn login(&self, app: &TestApp, token: &str) {
+        self.goto(app, "/dashboard/login").await;
+        self.type_into("#token", token).await;
+        self.click("#login").await;
+    }
+
+    /// Saves a PNG of the page: into docs/screenshots when UPDATE_SCREENSHOTS is set (to
+    /// refresh the committed ones), else into a temporary directory so the work tree stays
+    /// clean.
+    async fn screenshot(&self, name: &str) {
+        let png = self.client.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+        let dir = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/screenshots"))
+        } else {
+            self.profile.join("screenshots")
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+async fn wait_for_text(browser: &Browser, css: &str, expected: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let text = browser.text(css).await;
+        if text.contains(expected) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{css} still says {text:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        browser.client.refresh().await.unwrap();
+    }
+}
+
+/// Finished jobs and failed attempts spread over the last hour, so the charts have shape.
+async fn seed_history(pool: &PgPool, tenant: TenantId) {
+    for minutes_ago in [2_i64, 3, 7, 8, 9, 14, 22, 23, 31, 38, 39, 40, 47, 50, 52] {
+        JobRow {
+            status: "done",
+            tenant: Some(tenant),
+            finished_ago_secs: Some(minutes_ago * 60),
+            errors: if minutes_ago % 3 == 0 {
+                json!([{ "attempt": 1, "kind": "retry", "error": "Graph 503",
+                         "at": Utc::now() - chrono::Duration::minutes(minutes_ago) }])
+            } else {
+                json!([])
+            },
+            ..JobRow::default()
+        }
+        .insert(pool)
+        .await;
+    }
+    JobRow {
+        queue: SYNC,
+        tenant: Some(tenant),
+        run_at_ago_secs: 75,
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+}
+
+#[tokio::test]
+async fn the_dashboard_works_in_a_real_browser() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let tenant = app.db.create_tenant("contoso").await;
+    seed_history(pool, tenant).await;
+    let failed = JobRow {
+        payload: json!({ "marker": "nightly-check" }),
+        ..JobRow::dead(tenant, "probe exploded: the disk is on fire")
+    }
+    .insert(pool)
+    .await;
+    AccountRow {
+        tenant,
+        email: "support@contoso.example",
+        status: "active",
+        last_error: None,
+        ingested: 1284,
+        duplicates: 37,
+    }
+    .insert(pool)
+    .await;
+    AccountRow {
+        tenant,
+        email: "billing@contoso.example",
+        status: "needs_reauth",
+        last_error: Some("AADSTS700082: the refresh token has expired due to inactivity"),
+        ingested: 212,
+        duplicates: 4,
+    }
+    .insert(pool)
+    .await;
+    let _worker = spawn_worker(&app.db, WorkerOptions::default()).await;
+    let browser = Browser::start().await;
+
+    browser.login(&app, &app.token(tenant, TestRole::Ops)).await;
+    let queues = browser.text("#queues").await;
+    assert!(queues.contains(PROBE), "{queues}");
+    assert_eq!(browser.text("#chart-done .total").await, "15");
+    assert!(browser.text("#who").await.contains("ops"));
+    browser.screenshot("overview").await;
+
+    // The failed job and its error are on the jobs page.
+    browser.goto(&app, "/dashboard/jobs?status=dead").await;
+    let row = browser.text(&format!("tr[data-job-id=\"{failed}\"]")).await;
+    assert!(row.contains("the disk is on fire"), "{row}");
+    assert!(row.contains("dead"), "{row}");
+    browser.screenshot("jobs").await;
+
+    browser
+        .click(&format!("tr[data-job-id=\"{failed}\"] a"))
+        .await;
+    assert!(
+        browser
+            .text("#last-error")
+            .await
+            .contains("the disk is on fire")
+    );
+    assert!(browser.text("#errors").await.contains("first try failed"));
+    assert!(browser.text("#arguments").await.contains("nightly-check"));
+    browser.screenshot("job").await;
+
+    // Retry it: the worker runs the (empty, so succeeding) probe to completion.
+    browser.click("#retry-button").await;
+    assert!(
+        browser
+            .text("#flash")
+            .await
+            .contains(&format!("Job {failed} was put back to pending."))
+    );
+    wait_for_text(&browser, "#job-status", "done", Duration::from_secs(30)).await;
+    assert_eq!(status_of(pool, failed).await.as_deref(), Some("done"));
+
+    // Bulk retry by an error filter retries exactly the matching dead jobs.
+    let mut quota = Vec::new();
+    for _ in 0..2 {
+        quota.push(
+            JobRow::dead(tenant, "mailbox quota exceeded")
+                .insert(pool)
+                .await,
+        );
+    }
+    let unrelated = JobRow::dead(tenant, "something else").insert(pool).await;
+    browser.goto(&app, "/dashboard/jobs").await;
+    browser.type_into("#error-filter", "quota").await;
+    browser.click("#apply-filter").await;
+    browser.wait_for_url("error=quota").await;
+    let list = browser.text("#jobs").await;
+    assert!(list.contains("mailbox quota exceeded") && !list.contains("something else"));
+    browser.click("#bulk-retry-button").await;
+    assert!(
+        browser
+            .text("#flash")
+            .await
+            .contains("2 jobs matching the filter put back to pending.")
+    );
+    wait_for_count(
+        pool,
+        "SELECT count(*) FROM queue_jobs WHERE status = 'done' AND last_error = 'mailbox quota exceeded'",
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(status_of(pool, unrelated).await.as_deref(), Some("dead"));
+
+    browser.goto(&app, "/dashboard/accounts").await;
+    let flagged = browser.text("tr.needs-reauth").await;
+    assert!(flagged.contains("billing@contoso.example"), "{flagged}");
+    assert!(flagged.contains("AADSTS700082"), "{flagged}");
+    assert!(browser.text("#accounts").await.contains("1284"));
+    browser.screenshot("accounts").await;
+
+    // Logging out and in again as an agent is refused.
+    browser.click("header form button").await;
+    browser.text("#token").await;
+    browser
+        .login(&app, &app.token(tenant, TestRole::Agent))
+        .await;
+    assert!(
+        browser
+            .text("#message")
+            .await
+            .contains("Agent tokens cannot use it")
+    );
+    browser.goto(&app, "/dashboard").await;
+    browser.text("#token").await;
+    assert!(
+        browser
+            .client
+            .current_url()
+            .await
+            .unwrap()
+            .path()
+            .ends_with("/dashboard/login")
+    );
+    browser.client.clone().close().await.unwrap();
+}
