@@ -983,6 +983,9 @@ async fn metrics_report_queue_accounts_and_ops_actions_in_prometheus_format() {
 // Headless Chromium
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// How long a page element may take to appear: generous, since the whole suite shares two
+/// cores with the browser.
+const BROWSER_WAIT: Duration = Duration::from_secs(30);
 const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// chromedriver on a free port plus one browser session; both end on drop.
@@ -1062,12 +1065,12 @@ impl Browser {
     /// The element's text. A click that navigates can leave us holding the old page's
     /// element for a moment, so a stale element is looked up again.
     async fn text(&self, css: &str) -> String {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + BROWSER_WAIT;
         loop {
             let found = self
                 .client
                 .wait()
-                .at_most(Duration::from_secs(10))
+                .at_most(BROWSER_WAIT)
                 .for_element(Locator::Css(css))
                 .await
                 .unwrap_or_else(|e| panic!("{css} on the page: {e}"));
@@ -1085,7 +1088,7 @@ impl Browser {
     async fn click(&self, css: &str) {
         self.client
             .wait()
-            .at_most(Duration::from_secs(10))
+            .at_most(BROWSER_WAIT)
             .for_element(Locator::Css(css))
             .await
             .unwrap_or_else(|e| panic!("{css} on the page: {e}"))
@@ -1096,7 +1099,7 @@ impl Browser {
 
     /// Waits for a click's navigation, so the next lookup cannot read the previous page.
     async fn wait_for_url(&self, fragment: &str) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + BROWSER_WAIT;
         loop {
             let url = self.client.current_url().await.unwrap();
             if url.as_str().contains(fragment) {
