@@ -90,7 +90,10 @@ impl Endpoints {
 }
 
 /// A graph-sim on port 0 with graphdesk's test app registered (redirect URI included).
-pub async fn spawn_sim(redirect_uri: &str, tweak: impl FnOnce(&mut graph_sim::SimConfig)) -> graph_sim::GraphSim {
+pub async fn spawn_sim(
+    redirect_uri: &str,
+    tweak: impl FnOnce(&mut graph_sim::SimConfig),
+) -> graph_sim::GraphSim {
     let mut config = graph_sim::SimConfig {
         client_id: CLIENT_ID.into(),
         client_secret: CLIENT_SECRET.into(),
@@ -98,7 +101,9 @@ pub async fn spawn_sim(redirect_uri: &str, tweak: impl FnOnce(&mut graph_sim::Si
         ..graph_sim::SimConfig::default()
     };
     tweak(&mut config);
-    graph_sim::GraphSim::start(config).await.expect("graph-sim starts")
+    graph_sim::GraphSim::start(config)
+        .await
+        .expect("graph-sim starts")
 }
 
 pub fn init_logs() {
@@ -120,6 +125,8 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    /// Only the owning handle drops the database.
+    owned: bool,
 }
 
 impl TestDb {
@@ -153,7 +160,22 @@ impl TestDb {
             .connect_with(opts)
             .await
             .expect("connect to test database");
-        Self { name, url, pool }
+        Self {
+            name,
+            url,
+            pool,
+            owned: true,
+        }
+    }
+
+    /// A second handle on the same database that does not drop it.
+    pub fn share(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            pool: self.pool.clone(),
+            owned: false,
+        }
     }
 
     pub fn settings(&self) -> SecretString {
@@ -174,6 +196,9 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let name = self.name.clone();
         let url = server_url();
         // Drop the database off the test's runtime, which may be shutting down.
@@ -241,7 +266,11 @@ pub async fn bind_api() -> (poem::listener::TcpAcceptor, String) {
     (acceptor, format!("http://{addr}"))
 }
 
-pub async fn serve_app(db: TestDb, acceptor: poem::listener::TcpAcceptor, endpoints: Endpoints) -> TestApp {
+pub async fn serve_app(
+    db: TestDb,
+    acceptor: poem::listener::TcpAcceptor,
+    endpoints: Endpoints,
+) -> TestApp {
     let jwt = JwtConfig::new(SecretString::from(JWT_SECRET), "graphdesk", "graphdesk-api");
     let state = AppState::new(endpoints.services(&db.pool), jwt.clone(), Limits::default());
     let addr = acceptor.local_addr()[0]
@@ -476,3 +505,40 @@ pub async fn wait_for_count(pool: &PgPool, query: &'static str, expected: i64, w
 }
 
 pub use api::auth::Role as TestRole;
+
+/// Connects a graph-sim mailbox without the browser flow (the OAuth flow itself is tested in
+/// `accounts`): tokens issued by the simulator, stored encrypted like the callback does.
+pub async fn connect_direct(
+    services: &jobs::services::Services,
+    sim: &graph_sim::GraphSim,
+    tenant: TenantId,
+    upn: &str,
+) -> jobs::ids::AccountId {
+    let issued = sim.issue_tokens_for(
+        upn,
+        &["offline_access", "User.Read", "Mail.ReadWrite", "Mail.Send"],
+    );
+    let tokens = jobs::graph::TokenSet {
+        access_token: SecretString::from(issued.access_token),
+        refresh_token: issued.refresh_token.map(SecretString::from),
+        expires_at: chrono::Utc::now() + chrono::Duration::seconds(issued.expires_in as i64),
+        scope: issued.scope,
+    };
+    let account = jobs::ids::AccountId::new();
+    let mut tx = services.pool.begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO helpdesk_email_accounts (id, tenant_id, email_address, status)
+         VALUES ($1, $2, $3, 'active')",
+    )
+    .bind(account.as_uuid())
+    .bind(tenant.as_uuid())
+    .bind(upn)
+    .execute(&mut *tx)
+    .await
+    .expect("insert account");
+    jobs::accounts::tokens::store_tokens(&mut tx, &services.vault, tenant, account, &tokens)
+        .await
+        .expect("store tokens");
+    tx.commit().await.expect("commit");
+    account
+}

@@ -24,5 +24,7 @@ pub mod mail;
 pub mod queue;
 pub mod sends;
 pub mod services;
+pub mod sync;
 pub mod telemetry;
+pub mod tickets;
 pub mod vault;

@@ -5,3 +5,4 @@ mod dashboard;
 mod foundation;
 mod graph_client;
 mod queue;
+mod sync;

@@ -60,8 +60,61 @@ fn valid_folder(folder: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'+' | b'/'))
 }
 
+/// A mailbox's connection and sync health.
+#[derive(Debug, Object)]
+pub struct AccountView {
+    pub id: Uuid,
+    pub email_address: String,
+    pub display_name: Option<String>,
+    /// pending, active, needs_reauth, error or disabled.
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub token_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_sync_started_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_sync_success_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_sync_error: Option<String>,
+    pub messages_ingested: i64,
+    pub duplicates_skipped: i64,
+    pub throttled_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last connection test: profile, inbox, scopes, send permission.
+    pub validation: Option<serde_json::Value>,
+    pub validated_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 #[OpenApi(prefix_path = "/api/v1", tag = "ApiTags::Accounts")]
 impl AccountsApi {
+    /// A mailbox's status: connection, token expiry, last sync, errors, counts.
+    #[oai(path = "/accounts/:account_id", method = "get")]
+    async fn get(
+        &self,
+        auth: BearerAuth,
+        account_id: Path<String>,
+    ) -> ApiResult<Json<AccountView>> {
+        let a = jobs::tickets::account_status(
+            &self.state.pool,
+            auth.0.tenant,
+            parse_account(&account_id)?,
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("account"))?;
+        Ok(Json(AccountView {
+            id: a.id,
+            email_address: a.email_address,
+            display_name: a.display_name,
+            status: a.status,
+            status_reason: a.status_reason,
+            token_expires_at: a.token_expires_at,
+            last_sync_started_at: a.last_sync_started_at,
+            last_sync_success_at: a.last_sync_success_at,
+            last_sync_error: a.last_sync_error,
+            messages_ingested: a.messages_ingested,
+            duplicates_skipped: a.duplicates_skipped,
+            throttled_until: a.throttled_until,
+            validation: a.validation,
+            validated_at: a.validated_at,
+        }))
+    }
+
     /// Enqueues a delta sync of one folder. Coalesces: while a sync of the same account and
     /// folder is pending, this returns that job.
     #[oai(path = "/accounts/:account_id/sync", method = "post")]

@@ -6,7 +6,11 @@ use crate::queue::JobError;
 use crate::queue::runtime::JobContext;
 use crate::services::Services;
 
-pub async fn validate_account(services: Services, job: ValidateAccount, _ctx: JobContext) -> Result<(), JobError> {
+pub async fn validate_account(
+    services: Services,
+    job: ValidateAccount,
+    _ctx: JobContext,
+) -> Result<(), JobError> {
     let report = crate::accounts::validate::validate_account(&services, job.tenant, job.account)
         .await
         .map_err(|e| super::from_graph(&e))?;
@@ -14,7 +18,11 @@ pub async fn validate_account(services: Services, job: ValidateAccount, _ctx: Jo
     Ok(())
 }
 
-pub async fn refresh_token(services: Services, job: RefreshToken, _ctx: JobContext) -> Result<(), JobError> {
+pub async fn refresh_token(
+    services: Services,
+    job: RefreshToken,
+    _ctx: JobContext,
+) -> Result<(), JobError> {
     let mode = if job.force {
         // A refresh in the last 30 s already satisfies an explicit request.
         RefreshMode::Force {

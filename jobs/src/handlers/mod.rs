@@ -2,6 +2,7 @@
 
 mod accounts;
 mod probe;
+mod sync;
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use chrono::Utc;
 
 pub use accounts::{refresh_token, validate_account};
 pub use probe::run_probe;
+pub use sync::sync_mailbox;
 
 use crate::graph::{ErrorClass, GraphError};
 use crate::queue::JobError;
@@ -20,14 +22,21 @@ pub const DEFER_THRESHOLD: Duration = Duration::from_secs(5);
 /// What the queue does with a Graph failure.
 pub fn from_class(class: ErrorClass, reason: String) -> JobError {
     match class {
-        ErrorClass::Retryable { after: Some(after) } if after >= DEFER_THRESHOLD => JobError::defer(
-            Utc::now() + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::minutes(10)),
-            reason,
-        ),
+        ErrorClass::Retryable { after: Some(after) } if after >= DEFER_THRESHOLD => {
+            JobError::defer(
+                Utc::now()
+                    + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::minutes(10)),
+                reason,
+            )
+        }
         ErrorClass::Retryable { after } => JobError::Retryable { reason, after },
         ErrorClass::Permanent => JobError::permanent(reason),
-        ErrorClass::NeedsReauth => JobError::permanent(format!("account needs to be reconnected: {reason}")),
-        ErrorClass::Configuration => JobError::permanent(format!("configuration error (operator action needed): {reason}")),
+        ErrorClass::NeedsReauth => {
+            JobError::permanent(format!("account needs to be reconnected: {reason}"))
+        }
+        ErrorClass::Configuration => JobError::permanent(format!(
+            "configuration error (operator action needed): {reason}"
+        )),
         ErrorClass::Resync => JobError::retry(reason),
     }
 }

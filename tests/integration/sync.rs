@@ -1,0 +1,543 @@
+//! SyncMailbox against graph-sim: mail becomes tickets exactly once, on the right ticket.
+
+use std::time::Duration;
+
+use graph_sim::{GeneratorSpec, GraphSim, InboundMail};
+use graphdesk_tests::{
+    Endpoints, TestApp, TestDb, TestRole, WorkerOptions, connect_direct, spawn_app_on, spawn_sim,
+    spawn_worker,
+};
+use jobs::ids::{AccountId, TenantId};
+use jobs::services::Services;
+use jobs::sync::{SyncReport, sync_folder};
+
+struct World {
+    db: TestDb,
+    sim: GraphSim,
+    services: Services,
+    tenant: TenantId,
+    account: AccountId,
+}
+
+const MAILBOX: &str = "support@fabrikam.example";
+
+async fn world() -> World {
+    let db = TestDb::new().await;
+    let sim = spawn_sim("http://127.0.0.1:9/oauth/callback", |_| {}).await;
+    let t = sim.create_tenant("fabrikam.example", "Fabrikam");
+    sim.create_user(&t, MAILBOX, "Support");
+    let services = Endpoints::sim(&sim, "http://127.0.0.1:9/oauth/callback").services(&db.pool);
+    let tenant = db.create_tenant("Fabrikam").await;
+    let account = connect_direct(&services, &sim, tenant, MAILBOX).await;
+    World {
+        db,
+        sim,
+        services,
+        tenant,
+        account,
+    }
+}
+
+impl World {
+    async fn sync(&self) -> SyncReport {
+        self.sync_folder("inbox").await
+    }
+    async fn sync_folder(&self, folder: &str) -> SyncReport {
+        sync_folder(&self.services, self.tenant, self.account, folder)
+            .await
+            .expect("sync succeeds")
+            .expect("no concurrent sync")
+    }
+    async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+    /// (ticket id, thread rule) of the message with this Message-ID.
+    async fn placed(&self, message_id: &str) -> (i64, String) {
+        sqlx::query_as(
+            "SELECT ticket_id, thread_rule FROM helpdesk_messages WHERE internet_message_id = $1",
+        )
+        .bind(message_id)
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{message_id} not stored: {e}"))
+    }
+}
+
+fn mail(from: &str, subject: &str, id: &str) -> InboundMail {
+    InboundMail::new(from, subject).message_id(id).text("Hello")
+}
+
+#[tokio::test]
+async fn a_generated_mailbox_of_5000_messages_becomes_the_right_tickets_once() {
+    let w = world().await;
+    let summary = w.sim.generate_mailbox(
+        MAILBOX,
+        GeneratorSpec {
+            seed: 7,
+            messages: 5000,
+            days: 10,
+            ..GeneratorSpec::default()
+        },
+    );
+    let first = w.sync().await;
+    assert_eq!(first.ingested, 5000, "{first:?}");
+    assert_eq!(first.duplicates, 0);
+    let tickets = w
+        .count("SELECT count(*) FROM helpdesk_tickets WHERE merged_into_ticket_id IS NULL")
+        .await;
+    assert_eq!(tickets as usize, summary.threads, "{summary:?}");
+    let auto = w
+        .count("SELECT count(*) FROM helpdesk_messages WHERE is_auto_reply")
+        .await;
+    assert_eq!(auto as usize, summary.auto_replies);
+
+    // A re-sync of the unchanged mailbox creates nothing.
+    let again = w.sync().await;
+    assert_eq!((again.ingested, again.new_tickets), (0, 0), "{again:?}");
+    // Even a full resync from scratch only finds duplicates.
+    sqlx::query("UPDATE helpdesk_sync_state SET delta_link = NULL, next_link = NULL")
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+    let full = w.sync().await;
+    assert_eq!(full.ingested, 0);
+    assert_eq!(full.duplicates, 5000);
+    assert_eq!(
+        w.count("SELECT count(*) FROM helpdesk_messages").await,
+        5000
+    );
+    let (ingested, dups): (i64, i64) =
+        sqlx::query_as("SELECT messages_ingested, duplicates_skipped FROM helpdesk_email_accounts")
+            .fetch_one(&w.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((ingested, dups), (5000, 5000));
+}
+
+#[tokio::test]
+async fn threading_rules_place_each_mail_and_say_why() {
+    let w = world().await;
+    w.sim.deliver(
+        MAILBOX,
+        mail(
+            "ann@contoso.example",
+            "Invoice",
+            "<inv-ann@contoso.example>",
+        ),
+    );
+    w.sim.deliver(
+        MAILBOX,
+        mail(
+            "bob@tailspin.example",
+            "Invoice",
+            "<inv-bob@tailspin.example>",
+        ),
+    );
+    w.sync().await;
+    // "Re: Invoice" from two different customers stays two tickets (headerless replies).
+    w.sim.deliver(
+        MAILBOX,
+        mail(
+            "ann@contoso.example",
+            "AW: Invoice",
+            "<re-ann@contoso.example>",
+        )
+        .conversation("conv-ann-2"),
+    );
+    w.sim.deliver(
+        MAILBOX,
+        mail(
+            "bob@tailspin.example",
+            "RE: Invoice",
+            "<re-bob@tailspin.example>",
+        )
+        .conversation("conv-bob-2"),
+    );
+    // A reply with headers.
+    w.sim.deliver(
+        MAILBOX,
+        mail(
+            "ann@contoso.example",
+            "Re: Invoice",
+            "<re2-ann@contoso.example>",
+        )
+        .in_reply_to("<inv-ann@contoso.example>")
+        .conversation("conv-ann-3"),
+    );
+    // Junk ids are ignored: this one falls through to a new ticket.
+    w.sim.deliver(
+        MAILBOX,
+        mail(
+            "carol@litware.example",
+            "Question",
+            "<q-carol@litware.example>",
+        )
+        .in_reply_to("<1234567>"),
+    );
+    w.sync().await;
+    let ann = w.placed("<inv-ann@contoso.example>").await.0;
+    let bob = w.placed("<inv-bob@tailspin.example>").await.0;
+    assert_ne!(ann, bob);
+    assert_eq!(
+        w.placed("<re-ann@contoso.example>").await,
+        (ann, "subject".into())
+    );
+    assert_eq!(
+        w.placed("<re-bob@tailspin.example>").await,
+        (bob, "subject".into())
+    );
+    assert_eq!(
+        w.placed("<re2-ann@contoso.example>").await,
+        (ann, "in_reply_to".into())
+    );
+    let (carol, rule) = w.placed("<q-carol@litware.example>").await;
+    assert!(carol != ann && carol != bob);
+    assert_eq!(rule, "new_ticket");
+
+    // A ticket token in the subject wins even without headers.
+    w.sim.deliver(
+        MAILBOX,
+        mail(
+            "dave@other.example",
+            &format!("Follow-up [#{bob}]"),
+            "<tok@other.example>",
+        ),
+    );
+    w.sync().await;
+    assert_eq!(
+        w.placed("<tok@other.example>").await,
+        (bob, "ticket_token".into())
+    );
+}
+
+#[tokio::test]
+async fn a_reply_that_arrives_before_its_parent_ends_on_one_ticket() {
+    let w = world().await;
+    w.sim.deliver(
+        MAILBOX,
+        mail(
+            "erin@contoso.example",
+            "Re: Outage",
+            "<child@contoso.example>",
+        )
+        .in_reply_to("<parent@contoso.example>")
+        .conversation("c-child"),
+    );
+    w.sync().await;
+    w.sim.deliver(
+        MAILBOX,
+        mail("erin@contoso.example", "Outage", "<parent@contoso.example>").conversation("c-parent"),
+    );
+    w.sync().await;
+    let (child, _) = w.placed("<child@contoso.example>").await;
+    let (parent, rule) = w.placed("<parent@contoso.example>").await;
+    assert_eq!(parent, child);
+    assert_eq!(rule, "referenced_by");
+    assert_eq!(w.count("SELECT count(*) FROM helpdesk_tickets").await, 1);
+}
+
+#[tokio::test]
+async fn headers_pointing_at_two_tickets_merge_them_consistently() {
+    let w = world().await;
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Printer", "<a@contoso.example>").conversation("c1"),
+    );
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Scanner", "<b@contoso.example>").conversation("c2"),
+    );
+    w.sync().await;
+    let a = w.placed("<a@contoso.example>").await.0;
+    let b = w.placed("<b@contoso.example>").await.0;
+    assert_ne!(a, b);
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Re: both", "<c@contoso.example>")
+            .in_reply_to("<b@contoso.example>")
+            .references(["<a@contoso.example>", "<b@contoso.example>"])
+            .conversation("c3"),
+    );
+    w.sync().await;
+    let survivor = a.min(b);
+    for id in [
+        "<a@contoso.example>",
+        "<b@contoso.example>",
+        "<c@contoso.example>",
+    ] {
+        assert_eq!(w.placed(id).await.0, survivor, "{id}");
+    }
+    let merged: Option<i64> =
+        sqlx::query_scalar("SELECT merged_into_ticket_id FROM helpdesk_tickets WHERE id = $1")
+            .bind(a.max(b))
+            .fetch_one(&w.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(merged, Some(survivor));
+}
+
+#[tokio::test]
+async fn auto_replies_are_flagged_html_is_sanitised_and_attachments_recorded() {
+    let w = world().await;
+    w.sim.deliver(
+        MAILBOX,
+        InboundMail::new("ooo@contoso.example", "Automatic reply: Invoice")
+            .message_id("<ooo@contoso.example>")
+            .header("Auto-Submitted", "auto-replied")
+            .text("I am away"),
+    );
+    w.sim.deliver(
+        MAILBOX,
+        InboundMail::new("gil@contoso.example", "Screenshot")
+            .message_id("<html@contoso.example>")
+            .html("<p onclick=\"x()\">Look <script>alert(1)</script><img src=\"https://tracker.example/p.gif\"><img src=\"cid:img1\"></p>")
+            .attachment(graph_sim::InboundAttachment {
+                is_inline: true,
+                content_id: Some("img1".into()),
+                ..graph_sim::InboundAttachment::file("shot.png", "image/png", &[1, 2, 3])
+            }),
+    );
+    w.sync().await;
+    let (auto, reason): (bool, Option<String>) = sqlx::query_as(
+        "SELECT is_auto_reply, auto_reply_reason FROM helpdesk_messages WHERE internet_message_id = '<ooo@contoso.example>'",
+    )
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    assert!(auto);
+    assert_eq!(reason.as_deref(), Some("auto-submitted:auto-replied"));
+    let (html, attachments): (String, serde_json::Value) = sqlx::query_as(
+        "SELECT body_html, attachments FROM helpdesk_messages WHERE internet_message_id = '<html@contoso.example>'",
+    )
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        !html.contains("script") && !html.contains("onclick"),
+        "{html}"
+    );
+    assert!(
+        !html.contains("tracker.example"),
+        "remote images dropped: {html}"
+    );
+    assert!(html.contains("cid:img1"), "{html}");
+    let a = &attachments[0];
+    assert_eq!(a["name"], "shot.png");
+    assert_eq!(a["content_type"], "image/png");
+    assert!(a["size"].as_u64().unwrap() >= 3, "{a}");
+    assert_eq!(a["is_inline"], true);
+}
+
+#[tokio::test]
+async fn an_evicted_delta_token_triggers_a_full_resync_without_duplicates() {
+    let w = world().await;
+    for i in 0..30 {
+        w.sim.deliver(
+            MAILBOX,
+            mail(
+                "hal@contoso.example",
+                &format!("Case {i}"),
+                &format!("<case{i}@contoso.example>"),
+            ),
+        );
+    }
+    w.sync().await;
+    for i in 30..40 {
+        w.sim.deliver(
+            MAILBOX,
+            mail(
+                "hal@contoso.example",
+                &format!("Case {i}"),
+                &format!("<case{i}@contoso.example>"),
+            ),
+        );
+    }
+    w.sim.evict_delta_tokens(MAILBOX);
+    let report = w.sync().await;
+    assert_eq!(report.full_resyncs, 1, "{report:?}");
+    assert_eq!(report.ingested, 10);
+    assert_eq!(report.duplicates, 30);
+    assert_eq!(w.count("SELECT count(*) FROM helpdesk_messages").await, 40);
+}
+
+#[tokio::test]
+async fn a_message_moved_between_synced_folders_is_not_duplicated() {
+    let w = world().await;
+    let d = w.sim.deliver(
+        MAILBOX,
+        mail("ivy@contoso.example", "Move me", "<move@contoso.example>"),
+    );
+    w.sync_folder("inbox").await;
+    w.sync_folder("archive").await;
+    w.sim.move_message(MAILBOX, &d.immutable_id, "archive");
+    let inbox = w.sync_folder("inbox").await;
+    assert_eq!(inbox.removed, 1);
+    let archive = w.sync_folder("archive").await;
+    assert_eq!(
+        (archive.ingested, archive.duplicates),
+        (0, 1),
+        "{archive:?}"
+    );
+    assert_eq!(w.count("SELECT count(*) FROM helpdesk_messages").await, 1);
+    let folder: String = sqlx::query_scalar("SELECT folder FROM helpdesk_message_sightings")
+        .fetch_one(&w.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(folder, "archive");
+}
+
+#[tokio::test]
+async fn the_same_mail_in_two_mailboxes_of_a_tenant_is_one_message_even_when_synced_at_once() {
+    let w = world().await;
+    let t = w.sim.tenants()[0].clone();
+    w.sim.create_user(&t, "sales@fabrikam.example", "Sales");
+    let second = connect_direct(&w.services, &w.sim, w.tenant, "sales@fabrikam.example").await;
+    for i in 0..40 {
+        let m = mail(
+            "jo@contoso.example",
+            &format!("Both {i}"),
+            &format!("<both{i}@contoso.example>"),
+        )
+        .to(MAILBOX)
+        .to("sales@fabrikam.example");
+        w.sim.deliver(MAILBOX, m.clone());
+        w.sim.deliver("sales@fabrikam.example", m);
+    }
+    let (a, b) = tokio::join!(
+        sync_folder(&w.services, w.tenant, w.account, "inbox"),
+        sync_folder(&w.services, w.tenant, second, "inbox"),
+    );
+    a.unwrap().unwrap();
+    b.unwrap().unwrap();
+    assert_eq!(w.count("SELECT count(*) FROM helpdesk_messages").await, 40);
+    assert_eq!(w.count("SELECT count(*) FROM helpdesk_tickets").await, 40);
+    assert_eq!(
+        w.count("SELECT count(*) FROM helpdesk_message_sightings")
+            .await,
+        80
+    );
+}
+
+#[tokio::test]
+async fn racing_syncs_of_one_folder_create_nothing_twice() {
+    let w = world().await;
+    for i in 0..120 {
+        w.sim.deliver(
+            MAILBOX,
+            mail(
+                "kim@contoso.example",
+                &format!("Race {i}"),
+                &format!("<race{i}@contoso.example>"),
+            ),
+        );
+    }
+    let runs = futures::future::join_all(
+        (0..4).map(|_| sync_folder(&w.services, w.tenant, w.account, "inbox")),
+    )
+    .await;
+    let ran = runs
+        .into_iter()
+        .map(|r| r.unwrap())
+        .filter(Option::is_some)
+        .count();
+    assert!(ran >= 1);
+    w.sync().await;
+    assert_eq!(w.count("SELECT count(*) FROM helpdesk_messages").await, 120);
+    assert_eq!(w.count("SELECT count(*) FROM helpdesk_tickets").await, 120);
+}
+
+#[tokio::test]
+async fn a_sync_enqueued_over_http_runs_in_a_worker_process() {
+    let w = world().await;
+    w.sim.deliver(
+        MAILBOX,
+        mail("lee@contoso.example", "Over HTTP", "<http@contoso.example>"),
+    );
+    let endpoints = Endpoints::sim(&w.sim, "http://127.0.0.1:9/oauth/callback");
+    let _worker = spawn_worker(
+        &w.db,
+        WorkerOptions {
+            endpoints,
+            ..WorkerOptions::default()
+        },
+    )
+    .await;
+    let app: TestApp = spawn_app_on(TestDb {
+        name: w.db.name.clone(),
+        url: w.db.url.clone(),
+        pool: w.db.pool.clone(),
+    })
+    .await;
+    let admin = app.token(w.tenant, TestRole::Admin);
+    let resp: serde_json::Value = app
+        .client
+        .post(app.url(&format!("/api/v1/accounts/{}/sync", w.account)))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = resp["job_id"].as_i64().unwrap();
+    app.wait_for_job(&admin, job, &["done"], Duration::from_secs(30))
+        .await;
+    assert_eq!(w.placed("<http@contoso.example>").await.1, "new_ticket");
+
+    // The tickets API shows it, with the rule that placed each message.
+    let agent = app.token(w.tenant, TestRole::Agent);
+    let list: serde_json::Value = app
+        .client
+        .get(app.url("/api/v1/tickets?status=open&q=Over%20HTTP"))
+        .bearer_auth(&agent)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tickets = list["tickets"].as_array().unwrap();
+    assert_eq!(tickets.len(), 1, "{list}");
+    let id = tickets[0]["id"].as_i64().unwrap();
+    let detail: serde_json::Value = app
+        .client
+        .get(app.url(&format!("/api/v1/tickets/{id}")))
+        .bearer_auth(&agent)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(detail["messages"][0]["thread_rule"], "new_ticket");
+    assert_eq!(
+        detail["messages"][0]["internet_message_id"],
+        "<http@contoso.example>"
+    );
+    // Another tenant sees nothing of it.
+    let stranger = app.token(TenantId::new(), TestRole::Agent);
+    let resp = app
+        .client
+        .get(app.url(&format!("/api/v1/tickets/{id}")))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let status: serde_json::Value = app
+        .client
+        .get(app.url(&format!("/api/v1/accounts/{}", w.account)))
+        .bearer_auth(&agent)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["messages_ingested"], 1, "{status}");
+    assert!(status["last_sync_success_at"].is_string(), "{status}");
+}
