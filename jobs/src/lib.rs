@@ -22,6 +22,7 @@ pub mod ids;
 pub mod kinds;
 pub mod mail;
 pub mod queue;
+pub mod sending;
 pub mod sends;
 pub mod services;
 pub mod sync;

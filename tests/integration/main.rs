@@ -5,4 +5,5 @@ mod dashboard;
 mod foundation;
 mod graph_client;
 mod queue;
+mod send;
 mod sync;

@@ -465,12 +465,7 @@ async fn a_sync_enqueued_over_http_runs_in_a_worker_process() {
         },
     )
     .await;
-    let app: TestApp = spawn_app_on(TestDb {
-        name: w.db.name.clone(),
-        url: w.db.url.clone(),
-        pool: w.db.pool.clone(),
-    })
-    .await;
+    let app: TestApp = spawn_app_on(w.db.share()).await;
     let admin = app.token(w.tenant, TestRole::Admin);
     let resp: serde_json::Value = app
         .client

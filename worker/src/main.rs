@@ -8,7 +8,7 @@ use apalis_core::monitor::Monitor;
 use apalis_core::worker::builder::WorkerBuilder;
 use clap::{Parser, Subcommand};
 use jobs::config::{Settings, load_dotenv};
-use jobs::kinds::{Probe, RefreshToken, SyncMailbox, ValidateAccount};
+use jobs::kinds::{Probe, RefreshToken, SendReply, SyncMailbox, ValidateAccount};
 use jobs::services::{IntegrationSettings, Services};
 use jobs::queue::JobKind;
 use jobs::queue::runtime::{JobContext, WorkerRuntime, unique_worker_id};
@@ -75,7 +75,12 @@ async fn run(settings: Settings, pool: sqlx::PgPool, queues: Vec<String>) -> any
         monitor = register(monitor, &runtime, &worker_id, handler);
         registered.push(Probe::QUEUE);
     }
-    let graph_queues = [ValidateAccount::QUEUE, RefreshToken::QUEUE, SyncMailbox::QUEUE];
+    let graph_queues = [
+        ValidateAccount::QUEUE,
+        RefreshToken::QUEUE,
+        SyncMailbox::QUEUE,
+        SendReply::QUEUE,
+    ];
     if graph_queues.iter().any(|q| wanted(&queues, q)) {
         let integration =
             IntegrationSettings::from_env(&settings.graph_base_url, &settings.identity_base_url)
@@ -106,6 +111,14 @@ async fn run(settings: Settings, pool: sqlx::PgPool, queues: Vec<String>) -> any
             };
             monitor = register(monitor, &runtime, &worker_id, handler);
             registered.push(SyncMailbox::QUEUE);
+        }
+        if wanted(&queues, SendReply::QUEUE) {
+            let s = services.clone();
+            let handler = move |job: SendReply, ctx: JobContext| {
+                jobs::handlers::send_reply(s.clone(), job, ctx)
+            };
+            monitor = register(monitor, &runtime, &worker_id, handler);
+            registered.push(SendReply::QUEUE);
         }
     }
     anyhow::ensure!(

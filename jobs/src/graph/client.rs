@@ -940,6 +940,20 @@ impl GraphClient {
         .await
     }
 
+    /// `DELETE {mailbox}/messages/{id}`. An already missing message counts as deleted.
+    #[instrument(skip_all, fields(mailbox = %self.mailbox))]
+    pub async fn delete_message(&self, id: &MicrosoftMessageId) -> Result<(), GraphError> {
+        let url = self.mailbox_url(&["messages", id.as_str()]);
+        match self
+            .send_no_content("delete_message", Method::DELETE, url, None, true)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `DELETE /subscriptions/{id}`. An already missing subscription counts as deleted, so a
     /// repeated clean-up converges.
     #[instrument(skip_all)]

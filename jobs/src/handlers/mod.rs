@@ -2,6 +2,7 @@
 
 mod accounts;
 mod probe;
+mod send;
 mod sync;
 
 use std::time::Duration;
@@ -10,6 +11,7 @@ use chrono::Utc;
 
 pub use accounts::{refresh_token, validate_account};
 pub use probe::run_probe;
+pub use send::send_reply;
 pub use sync::sync_mailbox;
 
 use crate::graph::{ErrorClass, GraphError};

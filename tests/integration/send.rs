@@ -1,0 +1,466 @@
+//! SendReply against graph-sim: an agent's reply leaves exactly once, is saved, and threads
+//! back; crashes at each step and concurrent executions still send one message.
+
+use std::time::Duration;
+
+use graph_sim::{FaultKind, FaultRule, GraphSim, InboundMail};
+use graphdesk_tests::{
+    Endpoints, TestApp, TestDb, TestRole, WorkerOptions, connect_direct, spawn_app_on, spawn_sim,
+    spawn_worker,
+};
+use jobs::ids::{AccountId, IdempotencyKey, SendId, TenantId, TicketId};
+use jobs::sends::{NewReply, create_send};
+use jobs::services::Services;
+use nix::sys::signal::Signal;
+
+const SUPPORT: &str = "support@northwind.example";
+const CUSTOMER: &str = "pat@customer.example";
+
+struct World {
+    app: TestApp,
+    sim: GraphSim,
+    services: Services,
+    tenant: TenantId,
+    account: AccountId,
+    ticket: i64,
+    agent: String,
+}
+
+async fn world() -> World {
+    let db = TestDb::new().await;
+    let sim = spawn_sim("http://127.0.0.1:9/oauth/callback", |_| {}).await;
+    let t = sim.create_tenant("northwind.example", "Northwind");
+    sim.create_user(&t, SUPPORT, "Support");
+    let c = sim.create_tenant("customer.example", "Customer");
+    sim.create_user(&c, CUSTOMER, "Pat");
+    let endpoints = Endpoints::sim(&sim, "http://127.0.0.1:9/oauth/callback");
+    let services = endpoints.services(&db.pool);
+    let tenant = db.create_tenant("Northwind").await;
+    let account = connect_direct(&services, &sim, tenant, SUPPORT).await;
+    sim.deliver(
+        SUPPORT,
+        InboundMail::new(CUSTOMER, "Broken laptop")
+            .message_id("<laptop@customer.example>")
+            .text("It will not boot."),
+    );
+    jobs::sync::sync_folder(&services, tenant, account, "inbox")
+        .await
+        .unwrap()
+        .unwrap();
+    let ticket: i64 = sqlx::query_scalar("SELECT id FROM helpdesk_tickets")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let mut app = spawn_app_on(db).await;
+    app.endpoints = endpoints;
+    let agent = app.token(tenant, TestRole::Agent);
+    World {
+        app,
+        sim,
+        services,
+        tenant,
+        account,
+        ticket,
+        agent,
+    }
+}
+
+impl World {
+    async fn post_reply(&self, key: &str, body: &str) -> reqwest::Response {
+        self.app
+            .client
+            .post(
+                self.app
+                    .url(&format!("/api/v1/tickets/{}/replies", self.ticket)),
+            )
+            .bearer_auth(&self.agent)
+            .header("Idempotency-Key", key)
+            .json(&serde_json::json!({ "body_html": body }))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn worker(&self) -> graphdesk_tests::WorkerProcess {
+        spawn_worker(
+            &self.app.db,
+            WorkerOptions {
+                endpoints: self.app.endpoints.clone(),
+                ..WorkerOptions::default()
+            },
+        )
+        .await
+    }
+
+    async fn send_status(&self, send: &str) -> (String, Option<String>) {
+        sqlx::query_as(
+            "SELECT status, failure_reason FROM helpdesk_outbound_sends WHERE id = $1::uuid",
+        )
+        .bind(send)
+        .fetch_one(&self.app.db.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn wait_send(&self, send: &str, status: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, reason) = self.send_status(send).await;
+            if s == status {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "send stuck at {s} ({reason:?}), wanted {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A send row created directly (the API path is tested separately).
+    async fn new_send(&self, key: &str) -> SendId {
+        create_send(
+            &self.app.db.pool,
+            self.tenant,
+            TicketId::new(self.ticket),
+            "agent",
+            &IdempotencyKey::try_from(key.to_string()).unwrap(),
+            NewReply {
+                to: vec![],
+                cc: vec![],
+                body_html: format!("<p>Answer {key}</p>"),
+            },
+        )
+        .await
+        .unwrap()
+        .send_id
+    }
+
+    fn sends_of(&self, send_marker: &str) -> usize {
+        self.sim
+            .sends()
+            .iter()
+            .filter(|s| s.body.contains(send_marker))
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn a_reply_leaves_once_is_saved_and_the_customers_answer_threads_back() {
+    let w = world().await;
+    let resp = w
+        .post_reply("reply-1", "<p>Please try a hard reset.</p>")
+        .await;
+    assert_eq!(resp.status(), 202);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let send = body["send_id"].as_str().unwrap().to_string();
+    let _worker = w.worker().await;
+    w.wait_send(&send, "confirmed").await;
+
+    let sends = w.sim.sends();
+    assert_eq!(sends.len(), 1);
+    let sent = &sends[0];
+    assert!(
+        sent.subject.contains(&format!("[#{}]", w.ticket)),
+        "{}",
+        sent.subject
+    );
+    assert_eq!(sent.to, vec![CUSTOMER.to_string()]);
+    assert_eq!(
+        sent.in_reply_to.as_deref(),
+        Some("<laptop@customer.example>")
+    );
+    let (rule, status): (String, String) = sqlx::query_as(
+        "SELECT m.thread_rule, t.status FROM helpdesk_messages m JOIN helpdesk_tickets t ON t.id = m.ticket_id
+         WHERE m.direction = 'outbound'",
+    )
+    .fetch_one(&w.app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rule, "outbound_reply");
+    assert_eq!(status, "pending", "waiting on the customer");
+
+    // The customer answers our message; it threads onto the ticket by its Message-ID.
+    w.sim.deliver(
+        SUPPORT,
+        InboundMail::new(CUSTOMER, "RE: Broken laptop")
+            .message_id("<answer@customer.example>")
+            .in_reply_to(sent.internet_message_id.clone())
+            .text("That worked, thanks"),
+    );
+    jobs::sync::sync_folder(&w.services, w.tenant, w.account, "inbox")
+        .await
+        .unwrap()
+        .unwrap();
+    let (ticket, rule): (i64, String) = sqlx::query_as(
+        "SELECT ticket_id, thread_rule FROM helpdesk_messages WHERE internet_message_id = '<answer@customer.example>'",
+    )
+    .fetch_one(&w.app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((ticket, rule.as_str()), (w.ticket, "in_reply_to"));
+    let status: String = sqlx::query_scalar("SELECT status FROM helpdesk_tickets WHERE id = $1")
+        .bind(w.ticket)
+        .fetch_one(&w.app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        status, "open",
+        "the customer's answer reopens the pending ticket"
+    );
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_posted_50_times_at_once_is_one_send() {
+    let w = world().await;
+    let posts =
+        futures::future::join_all((0..50).map(|_| w.post_reply("same-key", "<p>Once</p>"))).await;
+    let mut ids = std::collections::HashSet::new();
+    for resp in posts {
+        assert_eq!(resp.status(), 202);
+        ids.insert(
+            resp.json::<serde_json::Value>().await.unwrap()["send_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(ids.len(), 1);
+    let jobs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE queue = 'graphdesk.send_reply'")
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(jobs, 1);
+    // The same key with another body is a client bug, said clearly.
+    let conflict = w.post_reply("same-key", "<p>Different</p>").await;
+    assert_eq!(conflict.status(), 409);
+    let msg: serde_json::Value = conflict.json().await.unwrap();
+    assert!(
+        msg["message"].as_str().unwrap().contains("Idempotency-Key"),
+        "{msg}"
+    );
+    let _worker = w.worker().await;
+    w.wait_send(ids.iter().next().unwrap(), "confirmed").await;
+    assert_eq!(w.sim.sends().len(), 1);
+}
+
+#[tokio::test]
+async fn bad_reply_requests_are_refused_and_store_nothing() {
+    let w = world().await;
+    let cases = [
+        (serde_json::json!({ "body_html": "" }), "reply-empty", 422),
+        (
+            serde_json::json!({ "body_html": "x", "to": ["not an address"] }),
+            "reply-bad-to",
+            422,
+        ),
+        (
+            serde_json::json!({ "body_html": "x".repeat(300_000) }),
+            "reply-huge",
+            422,
+        ),
+    ];
+    for (body, key, status) in cases {
+        let resp = w
+            .app
+            .client
+            .post(w.app.url(&format!("/api/v1/tickets/{}/replies", w.ticket)))
+            .bearer_auth(&w.agent)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{key}");
+    }
+    let missing_key = w
+        .app
+        .client
+        .post(w.app.url(&format!("/api/v1/tickets/{}/replies", w.ticket)))
+        .bearer_auth(&w.agent)
+        .json(&serde_json::json!({ "body_html": "x" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing_key.status(), 400);
+    let other_tenant = w.app.token(TenantId::new(), TestRole::Agent);
+    let resp = w
+        .app
+        .client
+        .post(w.app.url(&format!("/api/v1/tickets/{}/replies", w.ticket)))
+        .bearer_auth(&other_tenant)
+        .header("Idempotency-Key", "k")
+        .json(&serde_json::json!({ "body_html": "x" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        404,
+        "another tenant's ticket does not exist for them"
+    );
+    let sends: i64 = sqlx::query_scalar("SELECT count(*) FROM helpdesk_outbound_sends")
+        .fetch_one(&w.app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(sends, 0);
+}
+
+#[tokio::test]
+async fn a_crash_between_create_reply_and_storing_the_draft_still_sends_once() {
+    let w = world().await;
+    let send = w.new_send("crash-1").await;
+    // The crashed execution's draft exists in Graph but was never recorded.
+    let client = jobs::accounts::graph_client(&w.services, w.tenant, w.account);
+    let target: String =
+        sqlx::query_scalar("SELECT microsoft_message_id FROM helpdesk_message_sightings LIMIT 1")
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    client
+        .create_reply(
+            &target.try_into().unwrap(),
+            &jobs::graph::ReplyContent::Comment("<p>Answer crash-1</p>".into()),
+        )
+        .await
+        .unwrap();
+    jobs::sending::send_reply(&w.services, w.tenant, send)
+        .await
+        .unwrap();
+    assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
+    assert_eq!(
+        w.sends_of("Answer crash-1"),
+        1,
+        "the orphan draft is never sent"
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_send_and_storing_sent_does_not_send_again() {
+    let w = world().await;
+    let send = w.new_send("crash-2").await;
+    // Run up to draft_created, then send the draft behind graphdesk's back: the state a crash
+    // right after `send` leaves.
+    let client = jobs::accounts::graph_client(&w.services, w.tenant, w.account);
+    let svc = w.services.clone();
+    let tenant = w.tenant;
+    // One step: queued → draft_created (a fault stops the run before the send).
+    let fault = w.sim.set_fault(
+        FaultRule::new(FaultKind::ServiceUnavailable {
+            retry_after: Some("60".into()),
+        })
+        .path("/send"),
+    );
+    let first = jobs::sending::send_reply(&svc, tenant, send).await;
+    assert!(first.is_err(), "the send step was stopped by the fault");
+    w.sim.remove_fault(&fault);
+    assert_eq!(w.send_status(&send.to_string()).await.0, "draft_created");
+    let draft: String =
+        sqlx::query_scalar("SELECT draft_id FROM helpdesk_outbound_sends WHERE id = $1")
+            .bind(send.as_uuid())
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    client.send_draft(&draft.try_into().unwrap()).await.unwrap();
+    jobs::sending::send_reply(&svc, tenant, send).await.unwrap();
+    assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
+    assert_eq!(w.sends_of("Answer crash-2"), 1);
+}
+
+#[tokio::test]
+async fn two_executions_at_once_send_once() {
+    let w = world().await;
+    let send = w.new_send("twice").await;
+    let (a, b) = tokio::join!(
+        jobs::sending::send_reply(&w.services, w.tenant, send),
+        jobs::sending::send_reply(&w.services, w.tenant, send),
+    );
+    // Either may end early (the other owns a step); rerun until settled.
+    let _ = (a, b);
+    jobs::sending::send_reply(&w.services, w.tenant, send)
+        .await
+        .unwrap();
+    assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
+    assert_eq!(w.sends_of("Answer twice"), 1);
+}
+
+#[tokio::test]
+async fn a_worker_killed_during_the_sent_items_lookup_confirms_after_recovery() {
+    let w = world().await;
+    w.sim.set_sent_items_delay(Duration::from_secs(4));
+    let send = w.new_send("late-copy").await;
+    let lease = |o: &mut WorkerOptions| o.queue.lease = Duration::from_secs(2);
+    let mut opts = WorkerOptions {
+        endpoints: w.app.endpoints.clone(),
+        ..WorkerOptions::default()
+    };
+    lease(&mut opts);
+    let mut victim = spawn_worker(&w.app.db, opts).await;
+    w.wait_send(&send.to_string(), "sent").await;
+    victim.signal(Signal::SIGKILL);
+    victim.wait_exit(Duration::from_secs(10)).await;
+    let mut opts = WorkerOptions {
+        endpoints: w.app.endpoints.clone(),
+        ..WorkerOptions::default()
+    };
+    lease(&mut opts);
+    let _survivor = spawn_worker(&w.app.db, opts).await;
+    w.wait_send(&send.to_string(), "confirmed").await;
+    assert_eq!(w.sends_of("Answer late-copy"), 1);
+    let outbound: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM helpdesk_messages WHERE direction = 'outbound'")
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(outbound, 1);
+}
+
+#[tokio::test]
+async fn a_429_storm_delays_but_never_duplicates_a_send() {
+    let w = world().await;
+    w.sim.set_fault(
+        FaultRule::new(FaultKind::TooManyRequests {
+            retry_after: Some("0.2".into()),
+        })
+        .mailbox(SUPPORT)
+        .probability(0.5),
+    );
+    let mut sends = Vec::new();
+    for i in 0..5 {
+        sends.push(w.new_send(&format!("storm-{i}")).await);
+    }
+    let _worker = w.worker().await;
+    for s in &sends {
+        w.wait_send(&s.to_string(), "confirmed").await;
+    }
+    for i in 0..5 {
+        assert_eq!(w.sends_of(&format!("Answer storm-{i}")), 1, "storm-{i}");
+    }
+    assert!(w.sim.stats().throttled > 0, "the storm happened");
+}
+
+#[tokio::test]
+async fn a_rejected_recipient_fails_the_send_with_a_reason() {
+    let w = world().await;
+    let resp = w
+        .app
+        .client
+        .post(w.app.url(&format!("/api/v1/tickets/{}/replies", w.ticket)))
+        .bearer_auth(&w.agent)
+        .header("Idempotency-Key", "bad-recipient")
+        .json(&serde_json::json!({ "body_html": "<p>hi</p>", "to": ["someone@localhost"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let send = resp.json::<serde_json::Value>().await.unwrap()["send_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _worker = w.worker().await;
+    w.wait_send(&send, "failed").await;
+    let (_, reason) = w.send_status(&send).await;
+    assert!(reason.unwrap().contains("ErrorInvalidRecipients"));
+    assert!(w.sim.sends().is_empty());
+}
