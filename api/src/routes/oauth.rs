@@ -1,5 +1,9 @@
 use jobs::accounts::connect::{ConnectError, complete_connect, fail_connect, start_connect};
-use poem_openapi::{ApiResponse, Object, OpenApi, param::Query, payload::{Html, Json}};
+use poem_openapi::{
+    ApiResponse, Object, OpenApi,
+    param::Query,
+    payload::{Html, Json},
+};
 use secrecy::SecretString;
 
 use crate::AppState;
@@ -39,7 +43,10 @@ pub struct OAuthApi {
 
 fn page(title: &str, message: &str) -> String {
     fn esc(s: &str) -> String {
-        s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
     }
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title>\
@@ -63,16 +70,25 @@ impl OAuthApi {
         #[oai(default)] redirect: Query<bool>,
     ) -> ApiResult<ConnectResponse> {
         if !auth.0.at_least_admin() {
-            return Err(ApiError::forbidden("connecting mailboxes needs the admin role"));
+            return Err(ApiError::forbidden(
+                "connecting mailboxes needs the admin role",
+            ));
         }
         if let Some(hint) = &login_hint.0
             && jobs::ids::EmailAddress::parse(hint).is_err()
         {
-            return Err(ApiError::unprocessable("login_hint must be an email address"));
+            return Err(ApiError::unprocessable(
+                "login_hint must be an email address",
+            ));
         }
-        let url = start_connect(&self.state.services, auth.0.tenant, &auth.0.subject, login_hint.0.as_deref())
-            .await
-            .map_err(|e| ApiError::internal(&e))?;
+        let url = start_connect(
+            &self.state.services,
+            auth.0.tenant,
+            &auth.0.subject,
+            login_hint.0.as_deref(),
+        )
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
         Ok(if redirect.0 {
             ConnectResponse::Redirect(url.to_string())
         } else {
@@ -95,8 +111,16 @@ impl OAuthApi {
     ) -> CallbackResponse {
         let services = &self.state.services;
         let result = match (error.0, code.0, state.0) {
-            (Some(err), _, state) => Err(fail_connect(services, state.as_deref(), &err, error_description.0.as_deref()).await),
-            (None, Some(code), Some(state)) => complete_connect(services, &state, SecretString::from(code)).await,
+            (Some(err), _, state) => Err(fail_connect(
+                services,
+                state.as_deref(),
+                &err,
+                error_description.0.as_deref(),
+            )
+            .await),
+            (None, Some(code), Some(state)) => {
+                complete_connect(services, &state, SecretString::from(code)).await
+            }
             _ => Err(ConnectError::UnknownState),
         };
         match result {
@@ -109,7 +133,10 @@ impl OAuthApi {
             ))),
             Err(e) => {
                 let safe = match &e {
-                    ConnectError::Db(_) | ConnectError::Queue(_) | ConnectError::Tokens(_) | ConnectError::Vault(_) => {
+                    ConnectError::Db(_)
+                    | ConnectError::Queue(_)
+                    | ConnectError::Tokens(_)
+                    | ConnectError::Vault(_) => {
                         tracing::error!(error = ?e, "connect failed");
                         "graphdesk could not store the connection; nothing was saved. Try again, and contact support with the request id if it keeps failing.".to_string()
                     }

@@ -114,9 +114,19 @@ pub enum RefreshMode {
     IfExpiringWithin(TimeDelta),
     /// Unless someone else refreshed after `since` (Graph rejected the token we held since
     /// then; or an explicit RefreshToken job).
-    Force { unless_refreshed_since: DateTime<Utc> },
+    Force {
+        unless_refreshed_since: DateTime<Utc>,
+    },
     /// Graph refused this access token: refresh unless the stored token is already another.
     Rejected(SecretString),
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredAccessToken {
+    access_token_enc: Option<Vec<u8>>,
+    token_expires_at: Option<DateTime<Utc>>,
+    status: String,
+    status_reason: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -274,16 +284,20 @@ impl AccountTokenSource {
     }
 
     async fn current(&self) -> Result<SecretString, TokenStoreError> {
-        let row: Option<(Option<Vec<u8>>, Option<DateTime<Utc>>, String, Option<String>)> =
-            sqlx::query_as(
-                "SELECT access_token_enc, token_expires_at, status, status_reason
-                 FROM helpdesk_email_accounts WHERE id = $1 AND tenant_id = $2",
-            )
-            .bind(self.account.as_uuid())
-            .bind(self.tenant.as_uuid())
-            .fetch_optional(&self.services.pool)
-            .await?;
-        let (enc, expires, status, reason) = row.ok_or(TokenStoreError::AccountNotFound)?;
+        let row: Option<StoredAccessToken> = sqlx::query_as(
+            "SELECT access_token_enc, token_expires_at, status, status_reason
+             FROM helpdesk_email_accounts WHERE id = $1 AND tenant_id = $2",
+        )
+        .bind(self.account.as_uuid())
+        .bind(self.tenant.as_uuid())
+        .fetch_optional(&self.services.pool)
+        .await?;
+        let StoredAccessToken {
+            access_token_enc: enc,
+            token_expires_at: expires,
+            status,
+            status_reason: reason,
+        } = row.ok_or(TokenStoreError::AccountNotFound)?;
         if status == "needs_reauth" {
             return Err(TokenStoreError::NeedsReauth {
                 reason: reason.unwrap_or_else(|| "the grant was revoked".into()),
@@ -295,7 +309,10 @@ impl AccountTokenSource {
                 &AssociatedData::for_account(self.tenant, self.account, Column::AccessToken),
                 &enc,
             )?),
-            Some(_) => self.refresh(RefreshMode::IfExpiringWithin(REFRESH_MARGIN)).await,
+            Some(_) => {
+                self.refresh(RefreshMode::IfExpiringWithin(REFRESH_MARGIN))
+                    .await
+            }
             None => Err(TokenStoreError::NoTokens),
         }
     }
