@@ -19,6 +19,7 @@ use sqlx::PgPool;
 use crate::auth::JwtConfig;
 use crate::error::{ErrorBody, REQUEST_ID};
 use crate::routes::oauth::OAuthApi;
+use crate::routes::webhooks::WebhookApi;
 use crate::routes::{
     accounts::AccountsApi, health::HealthApi, jobs_api::JobsApi, ops::OpsApi, tickets::TicketsApi,
 };
@@ -84,6 +85,7 @@ type Apis = (
     TicketsApi,
     OAuthApi,
     OpsApi,
+    WebhookApi,
 );
 
 fn openapi(state: &AppState) -> OpenApiService<Apis, ()> {
@@ -105,6 +107,9 @@ fn openapi(state: &AppState) -> OpenApiService<Apis, ()> {
                 state: state.clone(),
             },
             OpsApi {
+                state: state.clone(),
+            },
+            WebhookApi {
                 state: state.clone(),
             },
         ),

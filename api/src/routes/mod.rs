@@ -4,6 +4,7 @@ pub mod jobs_api;
 pub mod oauth;
 pub mod ops;
 pub mod tickets;
+pub mod webhooks;
 
 use poem_openapi::Tags;
 
@@ -19,4 +20,6 @@ pub enum ApiTags {
     Jobs,
     /// Ops views and actions: job lists, retries, purges, queue and mailbox health.
     Ops,
+    /// Microsoft Graph change notifications (public; authenticated by clientState).
+    Webhooks,
 }
