@@ -12,6 +12,7 @@ use jobs::kinds::{Probe, RefreshToken, SendReply, SyncMailbox, ValidateAccount};
 use jobs::services::{IntegrationSettings, Services};
 use jobs::queue::JobKind;
 use jobs::queue::runtime::{JobContext, WorkerRuntime, unique_worker_id};
+use jobs::scheduler::{Scheduler, SchedulerSettings};
 
 #[derive(Parser)]
 #[command(name = "worker", about = "graphdesk job worker")]
@@ -30,6 +31,9 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Run the scheduler: periodic syncs, token refreshes, clean-ups and Graph subscriptions.
+    /// Any number of replicas may run; one leads at a time.
+    Scheduler,
 }
 
 #[tokio::main]
@@ -52,7 +56,28 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { queues } => run(settings, pool, queues).await,
+        Command::Scheduler => scheduler(settings, pool).await,
     }
+}
+
+async fn scheduler(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
+    let scheduler_settings = SchedulerSettings::from_env(settings.queue.retention)?;
+    // Graph is only reached for webhook subscriptions; without them the scheduler needs no
+    // Microsoft configuration at all.
+    let services = match &scheduler_settings.webhooks {
+        None => None,
+        Some(_) => Some(Services::new(
+            pool.clone(),
+            &IntegrationSettings::from_env(&settings.graph_base_url, &settings.identity_base_url)
+                .context("webhooks need the Microsoft integration (see README: OAUTH_*, TOKEN_ENCRYPTION_KEYS)")?,
+        )?),
+    };
+    let holder = unique_worker_id("scheduler");
+    let scheduler = Scheduler::new(pool, services, scheduler_settings, holder.clone());
+    println!("scheduler {holder} running");
+    scheduler.run(shutdown_signal()).await;
+    println!("scheduler {holder} stopped");
+    Ok(())
 }
 
 fn wanted(queues: &[String], queue: &str) -> bool {
