@@ -6,4 +6,5 @@ mod foundation;
 mod graph_client;
 mod queue;
 mod send;
+mod scheduler;
 mod sync;
