@@ -1,6 +1,7 @@
 //! The one integration-test binary. Every test uses a fresh database on a real PostgreSQL.
 
 mod accounts;
+mod chaos;
 mod dashboard;
 mod foundation;
 mod graph_client;
