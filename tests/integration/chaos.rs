@@ -18,7 +18,7 @@ use graphdesk_tests::{
 use jobs::config::QueueSettings;
 use jobs::ids::{AccountId, IdempotencyKey, TenantId, TicketId};
 use jobs::kinds::SyncMailbox;
-use jobs::queue::EnqueueOptions;
+use jobs::queue::{EnqueueOptions, Queue};
 use jobs::sends::{NewReply, create_send};
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
@@ -131,6 +131,8 @@ async fn chaos_nothing_is_lost_duplicated_or_sent_twice() {
     .await;
     let endpoints = Endpoints::sim(&sim, REDIRECT);
     let services = endpoints.services(&db.pool);
+    // The test plays the scheduler: it asks for every mailbox's sync once a second.
+    let queue = Queue::new(db.pool.clone());
 
     let mut mailboxes = Vec::new();
     for t in 0..plan.tenants {
@@ -186,16 +188,20 @@ async fn chaos_nothing_is_lost_duplicated_or_sent_twice() {
             .probability(0.05),
     );
 
-    let worker_options = || WorkerOptions {
-        queue: QueueSettings {
-            poll_interval: Duration::from_millis(200),
-            lease: Duration::from_secs(5),
-            tenant_concurrency: Some(plan.tenant_limit),
-            ..QueueSettings::default()
-        },
-        endpoints: endpoints.clone(),
-        shutdown_grace_secs: 5,
-        extra_env: Vec::new(),
+    let worker_options = {
+        let endpoints = endpoints.clone();
+        let tenant_limit = plan.tenant_limit;
+        move || WorkerOptions {
+            queue: QueueSettings {
+                poll_interval: Duration::from_millis(200),
+                lease: Duration::from_secs(5),
+                tenant_concurrency: Some(tenant_limit),
+                ..QueueSettings::default()
+            },
+            endpoints: endpoints.clone(),
+            shutdown_grace_secs: 5,
+            ..WorkerOptions::default()
+        }
     };
     let mut workers = Vec::new();
     for _ in 0..plan.workers {
@@ -217,7 +223,7 @@ async fn chaos_nothing_is_lost_duplicated_or_sent_twice() {
         let db = db.share();
         let stop = killing;
         let every = plan.kill_every;
-        let opts = worker_options();
+        let opts = worker_options.clone();
         tokio::spawn(async move { kill_workers(db, workers, every, opts, stop).await })
     };
 
@@ -241,10 +247,12 @@ async fn chaos_nothing_is_lost_duplicated_or_sent_twice() {
             .min(plan.replies);
         while sends.len() < reply_due {
             // Every third burst goes to the busy tenant's mailbox.
-            let only = ((sends.len() / BURST) % 3 == 0).then_some(busy.tenant);
+            let only = (sends.len() / BURST)
+                .is_multiple_of(3)
+                .then_some(busy.tenant);
             match reply_once(&db, &mut rng, sends.len(), only).await {
                 Some((send, key, body, tenant, ticket)) => {
-                    if sends.len() % 5 == 0 {
+                    if sends.len().is_multiple_of(5) {
                         // A client retrying the same request mid-chaos gets the same send.
                         let again =
                             create_send(&db.pool, tenant, ticket, "chaos-agent", &key, body)
@@ -261,7 +269,7 @@ async fn chaos_nothing_is_lost_duplicated_or_sent_twice() {
         }
         if Instant::now() >= next_sync {
             next_sync += Duration::from_secs(1);
-            enqueue_syncs(&services, &mailboxes).await;
+            enqueue_syncs(&queue, &mailboxes).await;
         }
         if Instant::now() >= next_expiry {
             next_expiry += plan.expire_every;
@@ -314,7 +322,7 @@ async fn chaos_nothing_is_lost_duplicated_or_sent_twice() {
             );
         }
         if !all_stored {
-            enqueue_syncs(&services, &mailboxes).await;
+            enqueue_syncs(&queue, &mailboxes).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -504,10 +512,9 @@ async fn reply_once(
     ))
 }
 
-async fn enqueue_syncs(services: &jobs::services::Services, mailboxes: &[Mailbox]) {
+async fn enqueue_syncs(queue: &Queue, mailboxes: &[Mailbox]) {
     for m in mailboxes {
-        services
-            .queue
+        queue
             .enqueue(
                 &SyncMailbox {
                     tenant: m.tenant,
@@ -527,7 +534,7 @@ async fn kill_workers(
     db: TestDb,
     mut workers: Vec<WorkerProcess>,
     every: Duration,
-    opts: WorkerOptions,
+    opts: impl Fn() -> WorkerOptions,
     mut stop: watch::Receiver<bool>,
 ) -> (Vec<WorkerProcess>, usize) {
     let mut kills = 0;
@@ -541,16 +548,7 @@ async fn kill_workers(
         victim.signal(Signal::SIGKILL);
         victim.wait_exit(Duration::from_secs(10)).await;
         kills += 1;
-        let replacement = spawn_worker(
-            &db,
-            WorkerOptions {
-                queue: opts.queue.clone(),
-                endpoints: opts.endpoints.clone(),
-                shutdown_grace_secs: opts.shutdown_grace_secs,
-                extra_env: opts.extra_env.clone(),
-            },
-        )
-        .await;
+        let replacement = spawn_worker(&db, opts()).await;
         workers.insert(i, replacement);
     }
 }
