@@ -299,6 +299,8 @@ async fn spawn(
     let mut cmd = Command::new(bin);
     cmd.arg(subcommand)
         .env("DATABASE_URL", &app.db.url)
+        // One mailbox needs few connections; the server is often shared with test suites.
+        .env("DATABASE_MAX_CONNECTIONS", "8")
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
