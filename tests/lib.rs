@@ -71,8 +71,16 @@ impl Endpoints {
         }
     }
 
+    /// Services acting as the application's database roles (Row Level Security enforced
+    /// for tenant work), on the database `pool` points at.
     pub fn services(&self, pool: &PgPool) -> jobs::services::Services {
-        jobs::services::Services::new(pool.clone(), &self.integration()).expect("services")
+        let options = (*pool.connect_options()).clone();
+        // Small pools: the suite runs tests in parallel against one server's connection limit.
+        let app = jobs::db::lazy_pool_as(options.clone(), 4, Some("graphdesk_app".into()));
+        let system = jobs::db::lazy_pool_as(options, 4, Some("graphdesk_system".into()));
+        jobs::services::Services::new(app, &self.integration())
+            .expect("services")
+            .with_system_pool(system)
     }
 
     /// The same settings as environment variables, for worker processes.
@@ -156,7 +164,7 @@ impl TestDb {
         let opts = base.database(&name);
         let url = opts.to_url_lossy().to_string();
         let pool = PgPoolOptions::new()
-            .max_connections(20)
+            .max_connections(8)
             .connect_with(opts)
             .await
             .expect("connect to test database");
@@ -390,6 +398,8 @@ pub struct WorkerOptions {
     pub endpoints: Endpoints,
     pub shutdown_grace_secs: u64,
     pub extra_env: Vec<(String, String)>,
+    /// Write the worker's log (stderr) to this file, e.g. to search it for secrets.
+    pub log_file: Option<std::path::PathBuf>,
 }
 
 impl Default for WorkerOptions {
@@ -403,6 +413,7 @@ impl Default for WorkerOptions {
             endpoints: Endpoints::unreachable(),
             shutdown_grace_secs: 20,
             extra_env: Vec::new(),
+            log_file: None,
         }
     }
 }
@@ -411,6 +422,9 @@ pub async fn spawn_worker(db: &TestDb, opts: WorkerOptions) -> WorkerProcess {
     let mut cmd = Command::new(workspace_bin("worker"));
     cmd.arg("run")
         .env("DATABASE_URL", &db.url)
+        // Each process opens two pools (app and system role); keep the suite under the
+        // server's connection limit.
+        .env("DATABASE_MAX_CONNECTIONS", "6")
         .env(
             "WORKER_CONCURRENCY",
             opts.queue.worker_concurrency.to_string(),
@@ -439,10 +453,10 @@ pub async fn spawn_worker(db: &TestDb, opts: WorkerOptions) -> WorkerProcess {
         )
         .env_remove("WORKER_QUEUES")
         .stdout(Stdio::piped())
-        .stderr(if std::env::var_os("TEST_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
+        .stderr(match &opts.log_file {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("worker log file")),
+            None if std::env::var_os("TEST_LOG").is_some() => Stdio::inherit(),
+            None => Stdio::null(),
         })
         .kill_on_drop(true);
     for (k, v) in opts.endpoints.env().iter().chain(&opts.extra_env) {
@@ -525,7 +539,9 @@ pub async fn connect_direct(
         scope: issued.scope,
     };
     let account = jobs::ids::AccountId::new();
-    let mut tx = services.pool.begin().await.expect("begin");
+    let mut tx = jobs::db::tenant_tx(&services.pool, tenant)
+        .await
+        .expect("begin");
     sqlx::query(
         "INSERT INTO helpdesk_email_accounts (id, tenant_id, email_address, status)
          VALUES ($1, $2, $3, 'active')",
@@ -541,4 +557,63 @@ pub async fn connect_direct(
         .expect("store tokens");
     tx.commit().await.expect("commit");
     account
+}
+
+/// The api as a real OS process (its own logging, as in production), on a free local port.
+pub struct ApiProcess {
+    pub child: Child,
+    pub address: String,
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A free local port (bound and released; the caller binds it right away).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub async fn spawn_api_process(
+    db: &TestDb,
+    endpoints: &Endpoints,
+    port: u16,
+    log_file: Option<&std::path::Path>,
+) -> ApiProcess {
+    let mut cmd = Command::new(workspace_bin("api"));
+    cmd.arg("serve")
+        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_MAX_CONNECTIONS", "6")
+        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("JWT_SECRET", JWT_SECRET)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(match log_file {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("api log file")),
+            None => Stdio::null(),
+        })
+        .kill_on_drop(true);
+    for (k, v) in endpoints.env() {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn api");
+    let address = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if let Ok(r) = client.get(format!("{address}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return ApiProcess { child, address };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the api process did not become ready on port {port}");
 }

@@ -73,7 +73,10 @@ impl Principal {
 
 #[derive(Clone)]
 pub struct JwtConfig {
-    secret: SecretString,
+    /// HS256 shared secret (also what `api mint-token` signs with).
+    secret: Option<SecretString>,
+    /// RS256 public key (PEM), for tokens minted by an external identity provider.
+    rsa_public: Option<std::sync::Arc<DecodingKey>>,
     pub issuer: String,
     pub audience: String,
 }
@@ -81,7 +84,8 @@ pub struct JwtConfig {
 impl std::fmt::Debug for JwtConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtConfig")
-            .field("secret", &"[REDACTED]")
+            .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
+            .field("rs256", &self.rsa_public.is_some())
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .finish()
@@ -95,26 +99,61 @@ impl JwtConfig {
         audience: impl Into<String>,
     ) -> Self {
         Self {
-            secret,
+            secret: Some(secret),
+            rsa_public: None,
             issuer: issuer.into(),
             audience: audience.into(),
         }
     }
 
+    /// Also (or only, with no secret) accept RS256 tokens signed by the key behind `pem`.
+    pub fn with_rsa_public_key(mut self, pem: &[u8]) -> Result<Self, String> {
+        let key = DecodingKey::from_rsa_pem(pem)
+            .map_err(|_| "JWT_PUBLIC_KEY is not an RSA public key in PEM form".to_string())?;
+        self.rsa_public = Some(std::sync::Arc::new(key));
+        Ok(self)
+    }
+
+    /// JWT_SECRET (HS256, at least 32 characters) and/or JWT_PUBLIC_KEY (RS256 public key,
+    /// PEM text or a path to a PEM file); at least one is required.
     pub fn from_env() -> Result<Self, jobs::config::ConfigError> {
-        let secret = jobs::config::env_opt("JWT_SECRET")
-            .ok_or(jobs::config::ConfigError::Missing { name: "JWT_SECRET" })?;
-        if secret.len() < 32 {
-            return Err(jobs::config::ConfigError::Invalid {
+        use jobs::config::{ConfigError, env_opt};
+        let secret = env_opt("JWT_SECRET");
+        if let Some(s) = &secret
+            && s.len() < 32
+        {
+            return Err(ConfigError::Invalid {
                 name: "JWT_SECRET",
                 reason: "must be at least 32 characters".into(),
             });
         }
-        Ok(Self::new(
-            SecretString::from(secret),
-            jobs::config::env_opt("JWT_ISSUER").unwrap_or_else(|| "graphdesk".into()),
-            jobs::config::env_opt("JWT_AUDIENCE").unwrap_or_else(|| "graphdesk-api".into()),
-        ))
+        let public = env_opt("JWT_PUBLIC_KEY");
+        if secret.is_none() && public.is_none() {
+            return Err(ConfigError::Missing { name: "JWT_SECRET" });
+        }
+        let mut config = Self {
+            secret: secret.map(SecretString::from),
+            rsa_public: None,
+            issuer: env_opt("JWT_ISSUER").unwrap_or_else(|| "graphdesk".into()),
+            audience: env_opt("JWT_AUDIENCE").unwrap_or_else(|| "graphdesk-api".into()),
+        };
+        if let Some(public) = public {
+            let pem = if public.contains("-----BEGIN") {
+                public.into_bytes()
+            } else {
+                std::fs::read(&public).map_err(|e| ConfigError::Invalid {
+                    name: "JWT_PUBLIC_KEY",
+                    reason: format!("cannot read {public}: {e}"),
+                })?
+            };
+            config = config
+                .with_rsa_public_key(&pem)
+                .map_err(|reason| ConfigError::Invalid {
+                    name: "JWT_PUBLIC_KEY",
+                    reason,
+                })?;
+        }
+        Ok(config)
     }
 
     /// Mints a token (the `api mint-token` command, the demo and tests).
@@ -134,29 +173,39 @@ impl JwtConfig {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
         };
+        let secret = self
+            .secret
+            .as_ref()
+            .expect("minting needs JWT_SECRET (HS256)");
         jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &claims,
-            &EncodingKey::from_secret(self.secret.expose_secret().as_bytes()),
+            &EncodingKey::from_secret(secret.expose_secret().as_bytes()),
         )
         .expect("HS256 signing with an in-memory key cannot fail")
     }
 
-    /// Verifies signature (HS256 only: `none` and every other algorithm are refused), exp,
-    /// nbf, iss and aud.
+    /// Verifies signature (HS256 with the secret, RS256 with the public key; `none` and every
+    /// other algorithm are refused), exp, nbf, iss and aud.
     pub fn verify(&self, token: &str) -> Result<Principal, String> {
-        let mut validation = Validation::new(Algorithm::HS256);
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| "the token is invalid".to_string())?;
+        let secret_key;
+        let (algorithm, key) = match (header.alg, &self.secret, &self.rsa_public) {
+            (Algorithm::HS256, Some(secret), _) => {
+                secret_key = DecodingKey::from_secret(secret.expose_secret().as_bytes());
+                (Algorithm::HS256, &secret_key)
+            }
+            (Algorithm::RS256, _, Some(public)) => (Algorithm::RS256, public.as_ref()),
+            _ => return Err("the token's algorithm is not accepted".to_string()),
+        };
+        let mut validation = Validation::new(algorithm);
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.validate_nbf = true;
         validation.leeway = 30;
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<Claims>(
-            token,
-            &DecodingKey::from_secret(self.secret.expose_secret().as_bytes()),
-            &validation,
-        )
-        .map_err(|e| {
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::ExpiredSignature => "the token has expired".to_string(),

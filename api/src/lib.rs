@@ -66,10 +66,12 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// `services.pool` serves tenant work (app role); the queue and ops views go through
+    /// `services.system_pool`.
     #[must_use]
     pub fn new(services: Services, jwt: JwtConfig, limits: Limits) -> Self {
         Self {
-            queue: Queue::new(services.pool.clone()),
+            queue: Queue::new(services.system_pool.clone()),
             pool: services.pool.clone(),
             jwt,
             limits,

@@ -71,13 +71,25 @@ async fn serve() -> anyhow::Result<()> {
     jobs::telemetry::init(settings.json_logs);
     let jwt = JwtConfig::from_env()?;
     let limits = Limits::from_env()?;
-    let pool = jobs::db::connect(
+    let max = settings.database_max_connections;
+    let pool = jobs::db::connect_as(
         &settings.database_url,
-        settings.database_max_connections,
+        max,
         "graphdesk-api",
+        jobs::db::DbRole::App,
     )
     .await
-    .context("connecting to the database")?;
+    .context(
+        "connecting as the application role (were the migrations applied? `worker migrate`)",
+    )?;
+    let system_pool = jobs::db::connect_as(
+        &settings.database_url,
+        max,
+        "graphdesk-api",
+        jobs::db::DbRole::System,
+    )
+    .await
+    .context("connecting as the system role")?;
     let addr = bind_addr()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -86,8 +98,9 @@ async fn serve() -> anyhow::Result<()> {
     drop(listener);
     tracing::info!(%local, "api listening");
     println!("api listening on http://{local}");
-    let integration = IntegrationSettings::from_env(&settings.graph_base_url, &settings.identity_base_url)?;
-    let services = Services::new(pool, &integration)?;
+    let integration =
+        IntegrationSettings::from_env(&settings.graph_base_url, &settings.identity_base_url)?;
+    let services = Services::new(pool, &integration)?.with_system_pool(system_pool);
     let app = build_app(AppState::new(services, jwt, limits));
     Server::new(TcpListener::bind(local))
         .run_with_graceful_shutdown(app, shutdown_signal(), Some(Duration::from_secs(10)))

@@ -36,6 +36,128 @@ pub async fn connect(
         .map_err(DbError::Connect)
 }
 
+/// Which database role a pool's connections act as. The login user in DATABASE_URL only needs
+/// to be allowed to `SET ROLE` to these (it may own the tables: the role it switches to does
+/// not, so Row Level Security applies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbRole {
+    /// Tenant-scoped work: sees only the rows of the tenant set on the transaction.
+    App,
+    /// Cross-tenant work: the queue, the scheduler, ops, OAuth state look-ups, webhooks.
+    System,
+}
+
+impl DbRole {
+    fn configured(self) -> Option<String> {
+        let (var, default) = match self {
+            Self::App => ("DATABASE_APP_ROLE", "graphdesk_app"),
+            Self::System => ("DATABASE_SYSTEM_ROLE", "graphdesk_system"),
+        };
+        match std::env::var(var) {
+            Ok(v) if v.trim().is_empty() => None,
+            Ok(v) => Some(v.trim().to_string()),
+            Err(_) => Some(default.to_string()),
+        }
+    }
+}
+
+fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// A pool whose every connection acts as `role` (SET ROLE on connect).
+pub async fn connect_as(
+    url: &secrecy::SecretString,
+    max_connections: u32,
+    app_name: &str,
+    role: DbRole,
+) -> Result<PgPool, DbError> {
+    let options: PgConnectOptions = url.expose_secret().parse().map_err(DbError::BadUrl)?;
+    pool_as(
+        options.application_name(app_name),
+        max_connections,
+        role.configured(),
+    )
+    .await
+    .map_err(DbError::Connect)
+}
+
+/// Like [`connect_as`] for a given role name (tests use it with explicit options).
+pub async fn pool_as(
+    options: PgConnectOptions,
+    max_connections: u32,
+    role: Option<String>,
+) -> Result<PgPool, sqlx::Error> {
+    let set_role = role.map(|r| format!("SET ROLE {}", quote_ident(&r)));
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _meta| {
+            let set_role = set_role.clone();
+            Box::pin(async move {
+                if let Some(sql) = set_role {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+}
+
+/// [`pool_as`] without connecting up front.
+#[must_use]
+pub fn lazy_pool_as(
+    options: PgConnectOptions,
+    max_connections: u32,
+    role: Option<String>,
+) -> PgPool {
+    let set_role = role.map(|r| format!("SET ROLE {}", quote_ident(&r)));
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _meta| {
+            let set_role = set_role.clone();
+            Box::pin(async move {
+                if let Some(sql) = set_role {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_lazy_with(options)
+}
+
+/// A transaction scoped to one tenant: Row Level Security shows and accepts only that
+/// tenant's rows, whatever the queries inside say.
+pub async fn tenant_tx(
+    pool: &PgPool,
+    tenant: crate::ids::TenantId,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('app.tenant_id', $1, true)")
+        .bind(tenant.to_string())
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// One statement in its own tenant-scoped transaction, committed.
+pub async fn tenant_execute(
+    pool: &PgPool,
+    tenant: crate::ids::TenantId,
+    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> Result<sqlx::postgres::PgQueryResult, sqlx::Error> {
+    let mut tx = tenant_tx(pool, tenant).await?;
+    let done = query.execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await.map_err(DbError::Migrate)
 }

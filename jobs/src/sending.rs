@@ -21,6 +21,7 @@ use sqlx::PgPool;
 use tracing::{info, warn};
 use uuid::Uuid;
 
+use crate::db::tenant_tx;
 use crate::graph::{ErrorClass, GraphClient, GraphError, MessagePatch, Recipient, ReplyContent};
 use crate::ids::{
     AccountId, InternetMessageId, MessageId, MicrosoftMessageId, SendId, TenantId, TicketId,
@@ -67,6 +68,7 @@ fn recipients(v: &serde_json::Value) -> Vec<Recipient> {
 }
 
 async fn load(pool: &PgPool, tenant: TenantId, send: SendId) -> Result<SendRow, SendJobError> {
+    let mut tx = crate::db::tenant_tx(pool, tenant).await?;
     sqlx::query_as(
         "SELECT ticket_id, email_account_id, status, to_recipients, cc_recipients, subject,
                 body_html, draft_id, internet_message_id, created_by, updated_at
@@ -74,7 +76,7 @@ async fn load(pool: &PgPool, tenant: TenantId, send: SendId) -> Result<SendRow, 
     )
     .bind(send.as_uuid())
     .bind(tenant.as_uuid())
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?
     .ok_or(SendJobError::NotFound)
 }
@@ -87,7 +89,7 @@ async fn fail(
     from: &str,
     reason: &str,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::tenant_tx(pool, tenant).await?;
     let done = sqlx::query(
         "UPDATE helpdesk_outbound_sends SET status = 'failed', failure_reason = $4, updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status = $3",
@@ -166,7 +168,7 @@ async fn create_draft(
     .bind(tenant.as_uuid())
     .bind(row.ticket_id)
     .bind(row.email_account_id)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tenant_tx(pool, tenant).await.map_err(JobError::retry)?)
     .await
     .map_err(JobError::retry)?;
     let Some(target) = target.and_then(|t| MicrosoftMessageId::try_from(t).ok()) else {
@@ -200,16 +202,19 @@ async fn create_draft(
         }
         Err(e) => return Err(job_error(&e)),
     };
-    let stored = sqlx::query(
-        "UPDATE helpdesk_outbound_sends SET status = 'draft_created', draft_id = $3,
+    let stored = crate::db::tenant_execute(
+        pool,
+        tenant,
+        sqlx::query(
+            "UPDATE helpdesk_outbound_sends SET status = 'draft_created', draft_id = $3,
             internet_message_id = $4, updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status = 'queued'",
+        )
+        .bind(send.as_uuid())
+        .bind(tenant.as_uuid())
+        .bind(draft.id.as_str())
+        .bind(draft.internet_message_id().map(|i| i.as_str().to_string())),
     )
-    .bind(send.as_uuid())
-    .bind(tenant.as_uuid())
-    .bind(draft.id.as_str())
-    .bind(draft.internet_message_id().map(|i| i.as_str().to_string()))
-    .execute(pool)
     .await
     .map_err(JobError::retry)?;
     if stored.rows_affected() == 0 {
@@ -330,13 +335,13 @@ fn strip_reply_prefix(subject: &str) -> &str {
 }
 
 async fn mark_sent(pool: &PgPool, tenant: TenantId, send: SendId) -> Result<(), JobError> {
-    sqlx::query(
+    crate::db::tenant_execute(pool, tenant, sqlx::query(
         "UPDATE helpdesk_outbound_sends SET status = 'sent', sent_at = now(), updated_at = now()
          WHERE id = $1 AND tenant_id = $2 AND status = 'draft_created'",
     )
     .bind(send.as_uuid())
     .bind(tenant.as_uuid())
-    .execute(pool)
+    )
     .await
     .map_err(JobError::retry)?;
     Ok(())
@@ -385,9 +390,9 @@ async fn confirm(
             && m.is_draft == Some(true)
         {
             // The send never happened: try again from the draft.
-            sqlx::query("UPDATE helpdesk_outbound_sends SET status = 'draft_created', updated_at = now() WHERE id = $1 AND status = 'sent'")
+            crate::db::tenant_execute(pool, tenant, sqlx::query("UPDATE helpdesk_outbound_sends SET status = 'draft_created', updated_at = now() WHERE id = $1 AND status = 'sent'")
                 .bind(send.as_uuid())
-                .execute(pool)
+                )
                 .await
                 .map_err(JobError::retry)?;
             return Ok(());
@@ -397,7 +402,7 @@ async fn confirm(
             std::time::Duration::from_secs(2),
         ));
     };
-    let mut tx = pool.begin().await.map_err(JobError::retry)?;
+    let mut tx = tenant_tx(pool, tenant).await.map_err(JobError::retry)?;
     let message_id = MessageId::new().as_uuid();
     let (ticket_subject,): (String,) =
         sqlx::query_as("SELECT subject FROM helpdesk_tickets WHERE id = $1")

@@ -59,7 +59,7 @@ pub async fn create_send(
     key: &IdempotencyKey,
     mut reply: NewReply,
 ) -> Result<SendCreated, SendError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::tenant_tx(pool, tenant).await?;
     let row: Option<(Uuid, String, String)> = sqlx::query_as(
         "SELECT email_account_id, subject, customer_email FROM helpdesk_tickets
          WHERE id = $1 AND tenant_id = $2",

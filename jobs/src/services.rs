@@ -58,7 +58,11 @@ impl IntegrationSettings {
 /// Everything a handler or endpoint needs to reach the database and Microsoft. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Services {
+    /// Tenant-scoped work (the app role; Row Level Security applies).
     pub pool: PgPool,
+    /// Cross-tenant work (the system role): OAuth states before their tenant is known,
+    /// webhook routing, the scheduler, the queue.
+    pub system_pool: PgPool,
     pub queue: Queue,
     pub http: reqwest::Client,
     pub graph: Arc<GraphConfig>,
@@ -70,16 +74,26 @@ pub struct Services {
 }
 
 impl Services {
+    /// Cross-tenant work (and the queue) goes through `system_pool`; without this call it is
+    /// the same pool as tenant work.
+    #[must_use]
+    pub fn with_system_pool(mut self, system_pool: PgPool) -> Self {
+        self.queue = Queue::new(system_pool.clone());
+        self.system_pool = system_pool;
+        self
+    }
+
     pub fn new(pool: PgPool, settings: &IntegrationSettings) -> Result<Self, ConfigError> {
         use secrecy::ExposeSecret;
         let http = build_http_client().map_err(|e| ConfigError::Invalid {
             name: "HTTP client",
             reason: e.to_string(),
         })?;
-        let graph = GraphConfig::new(&settings.graph_base_url).map_err(|e| ConfigError::Invalid {
-            name: "GRAPH_BASE_URL",
-            reason: e.to_string(),
-        })?;
+        let graph =
+            GraphConfig::new(&settings.graph_base_url).map_err(|e| ConfigError::Invalid {
+                name: "GRAPH_BASE_URL",
+                reason: e.to_string(),
+            })?;
         let identity = IdentityConfig::new(
             &settings.identity_base_url,
             settings.client_id.clone(),
@@ -98,6 +112,7 @@ impl Services {
         })?;
         Ok(Self {
             queue: Queue::new(pool.clone()),
+            system_pool: pool.clone(),
             pool,
             identity: IdentityClient::new(http.clone(), Arc::new(identity)),
             http,

@@ -62,6 +62,7 @@ pub async fn list_tickets(
     tenant: TenantId,
     filter: &TicketFilter,
 ) -> Result<Vec<TicketSummary>, sqlx::Error> {
+    let mut tx = crate::db::tenant_tx(pool, tenant).await?;
     sqlx::query_as(
         "SELECT t.id, t.email_account_id, t.subject, t.customer_email, t.status,
                 t.merged_into_ticket_id, t.created_at, t.last_message_at,
@@ -83,7 +84,7 @@ pub async fn list_tickets(
     .bind(filter.text.as_deref().map(escape_like))
     .bind(filter.before_id)
     .bind(filter.limit.clamp(1, 200))
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await
 }
 
@@ -92,6 +93,7 @@ pub async fn get_ticket(
     tenant: TenantId,
     id: TicketId,
 ) -> Result<Option<(TicketSummary, Vec<MessageView>)>, sqlx::Error> {
+    let mut tx = crate::db::tenant_tx(pool, tenant).await?;
     let ticket: Option<TicketSummary> = sqlx::query_as(
         "SELECT t.id, t.email_account_id, t.subject, t.customer_email, t.status,
                 t.merged_into_ticket_id, t.created_at, t.last_message_at,
@@ -100,7 +102,7 @@ pub async fn get_ticket(
     )
     .bind(tenant.as_uuid())
     .bind(id.get())
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
     let Some(ticket) = ticket else {
         return Ok(None);
@@ -114,7 +116,7 @@ pub async fn get_ticket(
     )
     .bind(tenant.as_uuid())
     .bind(id.get())
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     Ok(Some((ticket, messages)))
 }
@@ -142,6 +144,7 @@ pub async fn account_status(
     tenant: TenantId,
     account: AccountId,
 ) -> Result<Option<AccountStatus>, sqlx::Error> {
+    let mut tx = crate::db::tenant_tx(pool, tenant).await?;
     sqlx::query_as(
         "SELECT id, email_address, display_name, status, status_reason, token_expires_at,
                 last_sync_started_at, last_sync_success_at, last_sync_error, messages_ingested,
@@ -150,6 +153,6 @@ pub async fn account_status(
     )
     .bind(tenant.as_uuid())
     .bind(account.as_uuid())
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await
 }

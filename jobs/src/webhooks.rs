@@ -367,7 +367,7 @@ pub async fn reconcile_subscription(
                     )
                     .bind(id)
                     .bind(sub.expiration_date_time)
-                    .execute(&services.pool)
+                    .execute(&services.system_pool)
                     .await?;
                     info!(%account, subscription = %id, "subscription renewed");
                     return Ok(WorkOutcome::Renewed);
@@ -380,7 +380,7 @@ pub async fn reconcile_subscription(
         }
         sqlx::query("DELETE FROM graph_subscriptions WHERE subscription_id = $1")
             .bind(id)
-            .execute(&services.pool)
+            .execute(&services.system_pool)
             .await?;
     }
     create_subscription(services, settings, &graph, tenant, account).await?;
@@ -409,7 +409,8 @@ async fn create_subscription(
         })
         .await?;
     let folder = WellKnownFolder::Inbox.as_str();
-    let mut tx = services.pool.begin().await?;
+    // Subscriptions are system bookkeeping, routed by subscription id across tenants.
+    let mut tx = services.system_pool.begin().await?;
     let stored = sqlx::query(
         "INSERT INTO graph_subscriptions
             (subscription_id, tenant_id, email_account_id, folder, resource, client_state_hash,

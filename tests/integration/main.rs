@@ -6,6 +6,7 @@ mod dashboard;
 mod foundation;
 mod graph_client;
 mod queue;
+mod security;
 mod send;
 mod scheduler;
 mod sync;

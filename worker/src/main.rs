@@ -9,10 +9,10 @@ use apalis_core::worker::builder::WorkerBuilder;
 use clap::{Parser, Subcommand};
 use jobs::config::{Settings, load_dotenv};
 use jobs::kinds::{Probe, RefreshToken, SendReply, SyncMailbox, ValidateAccount};
-use jobs::services::{IntegrationSettings, Services};
 use jobs::queue::JobKind;
 use jobs::queue::runtime::{JobContext, WorkerRuntime, unique_worker_id};
 use jobs::scheduler::{Scheduler, SchedulerSettings};
+use jobs::services::{IntegrationSettings, Services};
 
 #[derive(Parser)]
 #[command(name = "worker", about = "graphdesk job worker")]
@@ -55,22 +55,57 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Run { queues } => run(settings, pool, queues).await,
-        Command::Scheduler => scheduler(settings, pool).await,
+        Command::Run { queues } => {
+            let pools = role_pools(&settings).await?;
+            run(settings, pools, queues).await
+        }
+        Command::Scheduler => {
+            let pools = role_pools(&settings).await?;
+            scheduler(settings, pools).await
+        }
     }
 }
 
-async fn scheduler(settings: Settings, pool: sqlx::PgPool) -> anyhow::Result<()> {
+/// Tenant work runs as the app role (Row Level Security applies); the queue, the scheduler
+/// and other cross-tenant work as the system role.
+struct Pools {
+    app: sqlx::PgPool,
+    system: sqlx::PgPool,
+}
+
+async fn role_pools(settings: &Settings) -> anyhow::Result<Pools> {
+    use jobs::db::{DbRole, connect_as};
+    let max = settings.database_max_connections;
+    Ok(Pools {
+        app: connect_as(&settings.database_url, max, "graphdesk-worker", DbRole::App)
+            .await
+            .context("connecting as the application role (was `worker migrate` run?)")?,
+        system: connect_as(
+            &settings.database_url,
+            max,
+            "graphdesk-worker",
+            DbRole::System,
+        )
+        .await
+        .context("connecting as the system role (was `worker migrate` run?)")?,
+    })
+}
+
+async fn scheduler(settings: Settings, pools: Pools) -> anyhow::Result<()> {
+    let pool = pools.system.clone();
     let scheduler_settings = SchedulerSettings::from_env(settings.queue.retention)?;
     // Graph is only reached for webhook subscriptions; without them the scheduler needs no
     // Microsoft configuration at all.
     let services = match &scheduler_settings.webhooks {
         None => None,
-        Some(_) => Some(Services::new(
-            pool.clone(),
-            &IntegrationSettings::from_env(&settings.graph_base_url, &settings.identity_base_url)
-                .context("webhooks need the Microsoft integration (see README: OAUTH_*, TOKEN_ENCRYPTION_KEYS)")?,
-        )?),
+        Some(_) => Some(
+            Services::new(
+                pools.app.clone(),
+                &IntegrationSettings::from_env(&settings.graph_base_url, &settings.identity_base_url)
+                    .context("webhooks need the Microsoft integration (see README: OAUTH_*, TOKEN_ENCRYPTION_KEYS)")?,
+            )?
+            .with_system_pool(pools.system.clone()),
+        ),
     };
     let holder = unique_worker_id("scheduler");
     let scheduler = Scheduler::new(pool, services, scheduler_settings, holder.clone());
@@ -87,7 +122,9 @@ fn wanted(queues: &[String], queue: &str) -> bool {
             .any(|q| q == queue || queue.strip_prefix("graphdesk.") == Some(q.as_str()))
 }
 
-async fn run(settings: Settings, pool: sqlx::PgPool, queues: Vec<String>) -> anyhow::Result<()> {
+async fn run(settings: Settings, pools: Pools, queues: Vec<String>) -> anyhow::Result<()> {
+    // The queue is cross-tenant infrastructure.
+    let pool = pools.system.clone();
     let worker_id = unique_worker_id("worker");
     let runtime = WorkerRuntime::start(pool.clone(), settings.queue.clone(), worker_id.clone());
     let mut monitor = Monitor::new();
@@ -112,7 +149,8 @@ async fn run(settings: Settings, pool: sqlx::PgPool, queues: Vec<String>) -> any
                 .context(
                     "the Microsoft integration is not configured (see README: OAUTH_*, TOKEN_ENCRYPTION_KEYS)",
                 )?;
-        let services = Services::new(pool.clone(), &integration)?;
+        let services =
+            Services::new(pools.app.clone(), &integration)?.with_system_pool(pools.system.clone());
         if wanted(&queues, ValidateAccount::QUEUE) {
             let s = services.clone();
             let handler = move |job: ValidateAccount, ctx: JobContext| {

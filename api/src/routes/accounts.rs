@@ -39,12 +39,13 @@ impl AccountsApi {
     /// The account, if it belongs to `tenant`; another tenant's account is indistinguishable
     /// from a missing one.
     async fn own_account(&self, tenant: TenantId, account: AccountId) -> ApiResult<AccountId> {
+        let mut tx = jobs::db::tenant_tx(&self.state.pool, tenant).await?;
         let found: Option<Uuid> = sqlx::query_scalar(
             "SELECT id FROM helpdesk_email_accounts WHERE id = $1 AND tenant_id = $2",
         )
         .bind(account.as_uuid())
         .bind(tenant.as_uuid())
-        .fetch_optional(&self.state.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         found
             .map(AccountId::from_uuid)

@@ -106,7 +106,8 @@ impl WebhookApi {
             ApiError::bad_request("the body is not a Microsoft Graph notification collection")
         })?;
         // An error here is a 5xx, which asks Graph to deliver again later.
-        let accepted = accept(&self.state.pool, &batch)
+        // Notifications name a subscription, not a tenant: routing them is cross-tenant work.
+        let accepted = accept(&self.state.services.system_pool, &batch)
             .await
             .map_err(|e| ApiError::internal(&e))?;
         tracing::debug!(

@@ -66,6 +66,7 @@ pub async fn start_connect(
         &AssociatedData::for_owner(tenant, format!("oauth_state:{hash}"), Column::CodeVerifier),
         pkce.verifier(),
     );
+    let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
     sqlx::query(
         "INSERT INTO oauth_states (state_hash, tenant_id, user_subject, code_verifier_enc, expires_at)
          VALUES ($1, $2, $3, $4, $5)",
@@ -75,8 +76,9 @@ pub async fn start_connect(
     .bind(user_subject)
     .bind(verifier_enc)
     .bind(Utc::now() + STATE_LIFETIME)
-    .execute(&services.pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(services
         .identity
         .authorize_url(&services.authority, &state, pkce.challenge(), login_hint))
@@ -99,7 +101,8 @@ async fn consume_state(services: &Services, state: &str) -> Result<(TenantId, St
          RETURNING tenant_id, user_subject, code_verifier_enc, expires_at",
     )
     .bind(&hash)
-    .fetch_optional(&services.pool)
+    // The state names the tenant; until it is read, this is a cross-tenant look-up.
+    .fetch_optional(&services.system_pool)
     .await?;
     let (tenant, subject, verifier_enc, expires_at) = row.ok_or(ConnectError::UnknownState)?;
     if expires_at < Utc::now() {
@@ -161,7 +164,7 @@ pub async fn complete_connect(
         .and_then(|a| EmailAddress::parse(a).ok())
         .ok_or(ConnectError::NoAddress)?;
 
-    let mut tx = services.pool.begin().await?;
+    let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
     let sync_days: i64 = crate::config::env_parse("SYNC_INITIAL_DAYS", 30i64).unwrap_or(30);
     let (account, created): (uuid::Uuid, bool) = sqlx::query_as(
         "INSERT INTO helpdesk_email_accounts
@@ -213,6 +216,7 @@ pub async fn complete_connect(
 }
 
 /// Removes OAuth states older than `older_than` (the scheduler runs this; default 24 h).
+/// `pool` must be the system pool: states of every tenant are purged.
 pub async fn purge_states(pool: &sqlx::PgPool, older_than: TimeDelta) -> Result<u64, sqlx::Error> {
     let done = sqlx::query("DELETE FROM oauth_states WHERE created_at < now() - make_interval(secs => $1)")
         .bind(older_than.num_seconds() as f64)

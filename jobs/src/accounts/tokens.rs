@@ -150,7 +150,7 @@ pub async fn refresh_tokens(
     account: AccountId,
     mode: RefreshMode,
 ) -> Result<SecretString, TokenStoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::tenant_tx(pool, tenant).await?;
     let row: TokenRow = sqlx::query_as(
         "SELECT status, status_reason, access_token_enc, refresh_token_enc, token_expires_at,
                 token_refreshed_at
@@ -284,14 +284,16 @@ impl AccountTokenSource {
     }
 
     async fn current(&self) -> Result<SecretString, TokenStoreError> {
+        let mut tx = crate::db::tenant_tx(&self.services.pool, self.tenant).await?;
         let row: Option<StoredAccessToken> = sqlx::query_as(
             "SELECT access_token_enc, token_expires_at, status, status_reason
              FROM helpdesk_email_accounts WHERE id = $1 AND tenant_id = $2",
         )
         .bind(self.account.as_uuid())
         .bind(self.tenant.as_uuid())
-        .fetch_optional(&self.services.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         let StoredAccessToken {
             access_token_enc: enc,
             token_expires_at: expires,

@@ -64,18 +64,20 @@ pub async fn validate_account(
         }
         Err(e) => return Err(e),
     };
+    let db_err = |e: sqlx::Error| GraphError::Decode {
+        operation: "account store",
+        message: e.to_string(),
+    };
+    let mut tx = crate::db::tenant_tx(&services.pool, tenant).await.map_err(db_err)?;
     let stored: Option<(Option<String>, bool)> = sqlx::query_as(
         "SELECT granted_scopes, refresh_token_enc IS NOT NULL
          FROM helpdesk_email_accounts WHERE id = $1 AND tenant_id = $2",
     )
     .bind(account.as_uuid())
     .bind(tenant.as_uuid())
-    .fetch_optional(&services.pool)
+    .fetch_optional(&mut *tx)
     .await
-    .map_err(|e| GraphError::Decode {
-        operation: "load granted scopes",
-        message: e.to_string(),
-    })?;
+    .map_err(db_err)?;
     let (scopes, has_refresh_token) = stored.unwrap_or((None, false));
     if !has_refresh_token {
         problems.push("no refresh token: offline_access was not granted".into());
@@ -115,12 +117,10 @@ pub async fn validate_account(
     .bind(tenant.as_uuid())
     .bind(serde_json::to_value(&report).unwrap_or_default())
     .bind(summary)
-    .execute(&services.pool)
+    .execute(&mut *tx)
     .await
-    .map_err(|e| GraphError::Decode {
-        operation: "store validation",
-        message: e.to_string(),
-    })?;
+    .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
     Ok(report)
 }
 

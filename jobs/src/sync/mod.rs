@@ -118,6 +118,7 @@ pub async fn sync_folder(
     account: AccountId,
     folder: &str,
 ) -> Result<Option<SyncReport>, SyncError> {
+    let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
     let (status, reason, sync_since): (String, Option<String>, Option<DateTime<Utc>>) =
         sqlx::query_as(
             "SELECT status, status_reason, sync_since FROM helpdesk_email_accounts
@@ -125,9 +126,10 @@ pub async fn sync_folder(
         )
         .bind(account.as_uuid())
         .bind(tenant.as_uuid())
-        .fetch_optional(&services.pool)
+        .fetch_optional(&mut *tx)
         .await?
         .ok_or(SyncError::AccountNotFound)?;
+    tx.commit().await?;
     if matches!(status.as_str(), "needs_reauth" | "disabled") {
         return Err(SyncError::AccountUnavailable {
             status,
@@ -165,6 +167,7 @@ async fn record_outcome(
     folder: &str,
     result: &Result<SyncReport, SyncError>,
 ) -> Result<(), sqlx::Error> {
+    let mut tx = crate::db::tenant_tx(pool, tenant).await?;
     match result {
         Ok(r) => {
             sqlx::query(
@@ -174,7 +177,7 @@ async fn record_outcome(
             )
             .bind(account.as_uuid())
             .bind(tenant.as_uuid())
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
             metrics::counter!("graphdesk_sync_total", "outcome" => "ok").increment(1);
             metrics::counter!("graphdesk_messages_ingested_total").increment(r.ingested);
@@ -189,7 +192,7 @@ async fn record_outcome(
             .bind(account.as_uuid())
             .bind(tenant.as_uuid())
             .bind(&text)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
             sqlx::query(
                 "UPDATE helpdesk_sync_state SET last_error = $3
@@ -198,12 +201,12 @@ async fn record_outcome(
             .bind(account.as_uuid())
             .bind(folder)
             .bind(&text)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
             metrics::counter!("graphdesk_sync_total", "outcome" => "error").increment(1);
         }
     }
-    Ok(())
+    tx.commit().await
 }
 
 async fn run_sync(
@@ -213,9 +216,10 @@ async fn run_sync(
     folder: &str,
     sync_since: Option<DateTime<Utc>>,
 ) -> Result<SyncReport, SyncError> {
+    let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
     sqlx::query("UPDATE helpdesk_email_accounts SET last_sync_started_at = now() WHERE id = $1")
         .bind(account.as_uuid())
-        .execute(&services.pool)
+        .execute(&mut *tx)
         .await?;
     sqlx::query(
         "INSERT INTO helpdesk_sync_state (tenant_id, email_account_id, folder)
@@ -224,14 +228,15 @@ async fn run_sync(
     .bind(tenant.as_uuid())
     .bind(account.as_uuid())
     .bind(folder)
-    .execute(&services.pool)
+    .execute(&mut *tx)
     .await?;
     let own: Vec<String> = sqlx::query_scalar(
         "SELECT email_address FROM helpdesk_email_accounts WHERE tenant_id = $1",
     )
     .bind(tenant.as_uuid())
-    .fetch_all(&services.pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     let own: Vec<EmailAddress> = own
         .iter()
         .filter_map(|a| EmailAddress::parse(a).ok())
@@ -248,6 +253,7 @@ async fn run_sync(
     match delta_round(services, &client, &ctx, sync_since, &mut report).await {
         Err(SyncError::Graph(e)) if e.class() == ErrorClass::Resync => {
             warn!(%account, folder, error = %e, "delta state gone; running a full resync");
+            let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
             sqlx::query(
                 "UPDATE helpdesk_sync_state SET delta_link = NULL, next_link = NULL,
                     full_syncs = full_syncs + 1
@@ -255,8 +261,9 @@ async fn run_sync(
             )
             .bind(account.as_uuid())
             .bind(folder)
-            .execute(&services.pool)
+            .execute(&mut *tx)
             .await?;
+            tx.commit().await?;
             report.full_resyncs += 1;
             delta_round(services, &client, &ctx, sync_since, &mut report).await?;
         }
@@ -274,14 +281,16 @@ async fn delta_round(
     sync_since: Option<DateTime<Utc>>,
     report: &mut SyncReport,
 ) -> Result<(), SyncError> {
+    let mut tx = crate::db::tenant_tx(&services.pool, ctx.tenant).await?;
     let (delta_link, next_link): (Option<String>, Option<String>) = sqlx::query_as(
         "SELECT delta_link, next_link FROM helpdesk_sync_state
          WHERE email_account_id = $1 AND folder = $2",
     )
     .bind(ctx.account.as_uuid())
     .bind(&ctx.folder)
-    .fetch_one(&services.pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     let folder = folder_ref(&ctx.folder);
     let options = DeltaOptions {
         select: SYNC_SELECT.iter().map(|s| (*s).to_string()).collect(),
@@ -340,6 +349,7 @@ async fn complete_partials(
     if partial.is_empty() {
         return Ok(changes);
     }
+    let mut tx = crate::db::tenant_tx(pool, ctx.tenant).await?;
     let known: Vec<String> = sqlx::query_scalar(
         "SELECT microsoft_message_id FROM helpdesk_message_sightings
          WHERE tenant_id = $1 AND email_account_id = $2 AND microsoft_message_id = ANY($3)",
@@ -347,8 +357,9 @@ async fn complete_partials(
     .bind(ctx.tenant.as_uuid())
     .bind(ctx.account.as_uuid())
     .bind(&partial)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     let mut out = Vec::with_capacity(changes.len());
     for change in changes {
         match change {
@@ -395,6 +406,7 @@ async fn fetch_attachments(
         return Ok(out);
     }
     let ids: Vec<String> = with.iter().map(|m| m.id.as_str().to_string()).collect();
+    let mut tx = crate::db::tenant_tx(pool, ctx.tenant).await?;
     let known: HashSet<String> = sqlx::query_scalar::<_, String>(
         "SELECT microsoft_message_id FROM helpdesk_message_sightings
          WHERE tenant_id = $1 AND email_account_id = $2 AND microsoft_message_id = ANY($3)",
@@ -402,10 +414,11 @@ async fn fetch_attachments(
     .bind(ctx.tenant.as_uuid())
     .bind(ctx.account.as_uuid())
     .bind(&ids)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?
     .into_iter()
     .collect();
+    tx.commit().await?;
     for m in with {
         if known.contains(m.id.as_str()) {
             continue;
@@ -563,7 +576,7 @@ async fn ingest_page(
             DeltaChange::Removed { id, .. } => removed.push(id.as_str().to_string()),
         }
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::db::tenant_tx(pool, ctx.tenant).await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(lock_key(&format!("ingest:{}", ctx.tenant)))
         .execute(&mut *tx)

@@ -1,0 +1,683 @@
+//! Security: JWT verification, roles × tenants, Row Level Security enforced by PostgreSQL,
+//! safe errors for bad input, and no secret in any log line of a full run.
+
+use std::time::Duration;
+
+use graphdesk_tests::{
+    CLIENT_SECRET, Endpoints, JWT_SECRET, TestApp, TestDb, TestRole, WorkerOptions, free_port,
+    spawn_api_process, spawn_app, spawn_sim, spawn_worker, test_keyring,
+};
+use jobs::ids::{AccountId, TenantId};
+use jobs::vault::{AssociatedData, Column};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use secrecy::ExposeSecret;
+use serde_json::json;
+
+fn claims(tenant: TenantId, role: &str, exp_offset: i64) -> serde_json::Value {
+    json!({
+        "sub": "mallory", "tenant_id": tenant, "role": role,
+        "exp": chrono::Utc::now().timestamp() + exp_offset,
+        "iss": "graphdesk", "aud": "graphdesk-api",
+    })
+}
+
+fn hs256(secret: &str, claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn status_of(app: &TestApp, token: &str) -> u16 {
+    app.client
+        .get(app.url("/api/v1/tickets"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn bad_tokens_are_rejected_and_good_ones_accepted() {
+    let app = spawn_app().await;
+    let tenant = app.db.create_tenant("t").await;
+    assert_eq!(
+        status_of(&app, &app.token(tenant, TestRole::Agent)).await,
+        200
+    );
+    assert_eq!(
+        status_of(&app, &hs256(JWT_SECRET, &claims(tenant, "agent", -3600))).await,
+        401,
+        "expired"
+    );
+    assert_eq!(
+        status_of(
+            &app,
+            &hs256(
+                "another-secret-another-secret-another-secret",
+                &claims(tenant, "agent", 3600)
+            )
+        )
+        .await,
+        401,
+        "forged"
+    );
+    let mut wrong_aud = claims(tenant, "agent", 3600);
+    wrong_aud["aud"] = json!("someone-else");
+    assert_eq!(
+        status_of(&app, &hs256(JWT_SECRET, &wrong_aud)).await,
+        401,
+        "audience"
+    );
+    let mut wrong_iss = claims(tenant, "agent", 3600);
+    wrong_iss["iss"] = json!("evil");
+    assert_eq!(
+        status_of(&app, &hs256(JWT_SECRET, &wrong_iss)).await,
+        401,
+        "issuer"
+    );
+    let mut early = claims(tenant, "agent", 3600);
+    early["nbf"] = json!(chrono::Utc::now().timestamp() + 600);
+    assert_eq!(
+        status_of(&app, &hs256(JWT_SECRET, &early)).await,
+        401,
+        "not yet valid"
+    );
+    let mut bad_role = claims(tenant, "agent", 3600);
+    bad_role["role"] = json!("root");
+    assert_eq!(
+        status_of(&app, &hs256(JWT_SECRET, &bad_role)).await,
+        401,
+        "unknown role"
+    );
+    // alg=none: header {"alg":"none"}, no signature.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let none = format!(
+        "{}.{}.",
+        b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        b64.encode(claims(tenant, "ops", 3600).to_string())
+    );
+    let resp = app
+        .client
+        .get(app.url("/api/v1/tickets"))
+        .bearer_auth(&none)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "alg=none");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["request_id"].is_string() && !body["message"].as_str().unwrap().contains(JWT_SECRET)
+    );
+}
+
+#[tokio::test]
+async fn rs256_tokens_from_an_identity_provider_are_accepted_with_the_configured_key() {
+    let dir = std::env::temp_dir().join(format!("gd-rsa-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("key.pem");
+    let public = dir.join("pub.pem");
+    let ok = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&key)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs")
+        .success()
+        && std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&public)
+            .status()
+            .unwrap()
+            .success();
+    assert!(ok, "openssl made a key pair");
+    let config =
+        api::auth::JwtConfig::new(JWT_SECRET.to_string().into(), "graphdesk", "graphdesk-api")
+            .with_rsa_public_key(&std::fs::read(&public).unwrap())
+            .unwrap();
+    let tenant = TenantId::new();
+    let signed = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &claims(tenant, "admin", 3600),
+        &EncodingKey::from_rsa_pem(&std::fs::read(&key).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let principal = config.verify(&signed).expect("RS256 accepted");
+    assert_eq!(principal.tenant, tenant);
+    // Without the public key configured, the same token is refused.
+    let hs_only =
+        api::auth::JwtConfig::new(JWT_SECRET.to_string().into(), "graphdesk", "graphdesk-api");
+    assert!(hs_only.verify(&signed).is_err());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Seeds one account and one ticket for a tenant, directly in the database.
+async fn seed(db: &TestDb, tenant: TenantId, tag: &str) -> (AccountId, i64) {
+    let account = AccountId::new();
+    sqlx::query("INSERT INTO helpdesk_email_accounts (id, tenant_id, email_address, status) VALUES ($1, $2, $3, 'active')")
+        .bind(account.as_uuid())
+        .bind(tenant.as_uuid())
+        .bind(format!("{tag}@example.com"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let ticket: i64 = sqlx::query_scalar(
+        "INSERT INTO helpdesk_tickets (tenant_id, email_account_id, subject, normalized_subject, customer_email)
+         VALUES ($1, $2, $3, $3, 'c@example.com') RETURNING id",
+    )
+    .bind(tenant.as_uuid())
+    .bind(account.as_uuid())
+    .bind(format!("{tag} subject"))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO helpdesk_messages (id, tenant_id, email_account_id, ticket_id, direction, microsoft_message_id, thread_rule)
+         VALUES ($1, $2, $3, $4, 'inbound', $5, 'new_ticket')",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .bind(tenant.as_uuid())
+    .bind(account.as_uuid())
+    .bind(ticket)
+    .bind(format!("AAMk-{tag}"))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    (account, ticket)
+}
+
+#[tokio::test]
+async fn row_level_security_hides_other_tenants_rows_from_the_app_role() {
+    let db = TestDb::new().await;
+    let a = db.create_tenant("A").await;
+    let b = db.create_tenant("B").await;
+    seed(&db, a, "a").await;
+    seed(&db, b, "b").await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::query("SET ROLE graphdesk_app")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (bypass, owns): (bool, i64) = sqlx::query_as(
+        "SELECT r.rolbypassrls, (SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner = current_user)
+         FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert!(!bypass, "the app role cannot bypass RLS");
+    assert_eq!(owns, 0, "the app role owns no table");
+    // No tenant set: nothing at all, even with no WHERE clause.
+    for table in [
+        "helpdesk_tickets",
+        "helpdesk_messages",
+        "helpdesk_email_accounts",
+        "tenants",
+    ] {
+        let n: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        assert_eq!(n, 0, "{table} without a tenant");
+    }
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
+    sqlx::query("SELECT set_config('app.tenant_id', $1, true)")
+        .bind(a.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let subjects: Vec<String> = sqlx::query_scalar("SELECT subject FROM helpdesk_tickets")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(subjects, vec!["a subject"]);
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM helpdesk_messages")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(messages, 1);
+    // Writing into another tenant is refused by the policy's WITH CHECK.
+    let err = sqlx::query("UPDATE helpdesk_tickets SET tenant_id = $1")
+        .bind(b.as_uuid())
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("row-level security"), "{err}");
+    tx.rollback().await.unwrap();
+    // The system role is the explicit cross-tenant path.
+    sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
+    sqlx::query("SET ROLE graphdesk_system")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM helpdesk_tickets")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(all, 2);
+    sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
+}
+
+#[tokio::test]
+async fn every_endpoint_answers_by_role_and_tenant() {
+    let app = spawn_app().await;
+    let own = app.db.create_tenant("own").await;
+    let other = app.db.create_tenant("other").await;
+    let (own_account, own_ticket) = seed(&app.db, own, "own").await;
+    let (other_account, other_ticket) = seed(&app.db, other, "other").await;
+    let job: i64 = sqlx::query_scalar("INSERT INTO queue_jobs (queue, tenant_id, payload, max_attempts, status) VALUES ('graphdesk.probe', $1, '{}', 1, 'dead') RETURNING id")
+        .bind(own.as_uuid())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let other_job: i64 = sqlx::query_scalar("INSERT INTO queue_jobs (queue, tenant_id, payload, max_attempts, status) VALUES ('graphdesk.probe', $1, '{}', 1, 'dead') RETURNING id")
+        .bind(other.as_uuid())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    // (method, path, body) → expected status for agent, admin, ops — all with `own` tenant.
+    let cases: Vec<(&str, String, Option<serde_json::Value>, [u16; 3])> = vec![
+        ("GET", "/api/v1/tickets".into(), None, [200, 200, 200]),
+        (
+            "GET",
+            format!("/api/v1/tickets/{own_ticket}"),
+            None,
+            [200, 200, 200],
+        ),
+        (
+            "GET",
+            format!("/api/v1/tickets/{other_ticket}"),
+            None,
+            [404, 404, 404],
+        ),
+        (
+            "GET",
+            format!("/api/v1/accounts/{own_account}"),
+            None,
+            [200, 200, 200],
+        ),
+        (
+            "GET",
+            format!("/api/v1/accounts/{other_account}"),
+            None,
+            [404, 404, 404],
+        ),
+        (
+            "POST",
+            format!("/api/v1/accounts/{own_account}/sync"),
+            Some(json!({})),
+            [403, 202, 202],
+        ),
+        (
+            "POST",
+            format!("/api/v1/accounts/{other_account}/sync"),
+            Some(json!({})),
+            [403, 404, 404],
+        ),
+        (
+            "POST",
+            format!("/api/v1/accounts/{own_account}/validate"),
+            None,
+            [403, 202, 202],
+        ),
+        ("GET", format!("/api/v1/jobs/{job}"), None, [200, 200, 200]),
+        (
+            "GET",
+            format!("/api/v1/jobs/{other_job}"),
+            None,
+            [404, 404, 200],
+        ),
+        (
+            "POST",
+            "/api/v1/ops/probe".into(),
+            Some(json!({})),
+            [403, 403, 202],
+        ),
+        ("GET", "/api/v1/oauth/connect".into(), None, [403, 200, 200]),
+    ];
+    for (i, role) in [TestRole::Agent, TestRole::Admin, TestRole::Ops]
+        .into_iter()
+        .enumerate()
+    {
+        let token = app.token(own, role);
+        for (method, path, body, expected) in &cases {
+            let mut req = app
+                .client
+                .request(method.parse().unwrap(), app.url(path))
+                .bearer_auth(&token);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = req.send().await.unwrap();
+            assert_eq!(
+                resp.status().as_u16(),
+                expected[i],
+                "{role:?} {method} {path}"
+            );
+        }
+    }
+    // Nothing of the other tenant changed hands: its account got no job.
+    let foreign: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE email_account_id = $1")
+            .bind(other_account.as_uuid())
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(foreign, 0);
+}
+
+#[tokio::test]
+async fn oversize_and_malformed_bodies_get_4xx_and_store_nothing() {
+    let app = spawn_app().await;
+    let tenant = app.db.create_tenant("t").await;
+    let (_, ticket) = seed(&app.db, tenant, "t").await;
+    let token = app.token(tenant, TestRole::Ops);
+    let huge = "x".repeat(2 * 1024 * 1024);
+    let resp = app
+        .client
+        .post(app.url(&format!("/api/v1/tickets/{ticket}/replies")))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "huge")
+        .header("content-type", "application/json")
+        .body(format!("{{\"body_html\":\"{huge}\"}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "payload_too_large");
+    for (body, key) in [
+        ("[]", "k1"),
+        ("{\"body_html\": [\"x\"]}", "k2"),
+        ("{\"to\": \"x\"}", "k3"),
+    ] {
+        let resp = app
+            .client
+            .post(app.url(&format!("/api/v1/tickets/{ticket}/replies")))
+            .bearer_auth(&token)
+            .header("Idempotency-Key", key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let text = resp.text().await.unwrap();
+        assert!(
+            !text.contains("panicked") && !text.contains("sqlx"),
+            "{text}"
+        );
+    }
+    let bad_key = app
+        .client
+        .post(app.url(&format!("/api/v1/tickets/{ticket}/replies")))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "has spaces in it")
+        .json(&json!({ "body_html": "<p>x</p>" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status(), 400);
+    let bad_page = app
+        .client
+        .get(app.url("/api/v1/tickets?limit=100000"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_page.status(), 422);
+    let sends: i64 = sqlx::query_scalar("SELECT count(*) FROM helpdesk_outbound_sends")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!((sends, jobs), (0, 0));
+}
+
+#[tokio::test]
+async fn no_secret_appears_in_any_log_of_a_full_run() {
+    // The api and the worker run as real processes at debug level, logging to files.
+    let db = TestDb::new().await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let redirect = format!("{base}/oauth/callback");
+    let sim = spawn_sim(&redirect, |_| {}).await;
+    let endpoints = Endpoints::sim(&sim, &redirect);
+    let dir = std::env::temp_dir().join(format!("gd-logs-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let api_log = dir.join("api.log");
+    let worker_log = dir.join("worker.log");
+    let api = spawn_api_process(&db, &endpoints, port, Some(&api_log)).await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let jwt =
+        api::auth::JwtConfig::new(JWT_SECRET.to_string().into(), "graphdesk", "graphdesk-api");
+    let tenant = db.create_tenant("Secretive").await;
+    let admin = jwt.mint(
+        "admin-user",
+        tenant,
+        TestRole::Admin,
+        chrono::Duration::hours(1),
+    );
+    let ops = jwt.mint(
+        "ops-user",
+        tenant,
+        TestRole::Ops,
+        chrono::Duration::hours(1),
+    );
+    let t = sim.create_tenant("secret.example", "Secret");
+    sim.create_user(&t, "desk@secret.example", "Desk");
+    sim.deliver(
+        "desk@secret.example",
+        graph_sim::InboundMail::new("cust@else.example", "Help")
+            .message_id("<h@else.example>")
+            .text("hi"),
+    );
+
+    let start: serde_json::Value = client
+        .get(format!(
+            "{}/api/v1/oauth/connect?login_hint=desk@secret.example",
+            api.address
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let services = endpoints.services(&db.pool);
+    let (hash, verifier_enc): (String, Vec<u8>) =
+        sqlx::query_as("SELECT state_hash, code_verifier_enc FROM oauth_states")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let verifier = services
+        .vault
+        .decrypt(
+            &AssociatedData::for_owner(tenant, format!("oauth_state:{hash}"), Column::CodeVerifier),
+            &verifier_enc,
+        )
+        .unwrap();
+    let redirect_resp = client
+        .get(start["authorize_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let callback = redirect_resp.headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let code = url::Url::parse(&callback)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "code")
+        .unwrap()
+        .1
+        .to_string();
+    assert_eq!(client.get(&callback).send().await.unwrap().status(), 200);
+    let (account, first_access, first_refresh) = decrypt_tokens(&db, &services, tenant).await;
+
+    let worker = spawn_worker(
+        &db,
+        WorkerOptions {
+            endpoints: endpoints.clone(),
+            log_file: Some(worker_log.clone()),
+            extra_env: vec![("RUST_LOG".into(), "debug".into())],
+            ..WorkerOptions::default()
+        },
+    )
+    .await;
+    sqlx::query(
+        "UPDATE helpdesk_email_accounts SET token_refreshed_at = now() - interval '1 hour'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    jobs::queue::Queue::new(db.pool.clone())
+        .enqueue(
+            &jobs::kinds::RefreshToken {
+                tenant,
+                account,
+                force: true,
+            },
+            jobs::queue::EnqueueOptions::default(),
+        )
+        .await
+        .unwrap();
+    // Validation, the first sync and the refresh all run in the worker.
+    wait_quiet(&db).await;
+    let ticket: i64 = sqlx::query_scalar("SELECT id FROM helpdesk_tickets")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let reply = client
+        .post(format!("{}/api/v1/tickets/{ticket}/replies", api.address))
+        .bearer_auth(&ops)
+        .header("Idempotency-Key", "log-test")
+        .json(&json!({ "body_html": "<p>Thanks</p>" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 202);
+    wait_quiet(&db).await;
+    let sent: String = sqlx::query_scalar("SELECT status FROM helpdesk_outbound_sends")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(sent, "confirmed");
+    let (_, last_access, last_refresh) = decrypt_tokens(&db, &services, tenant).await;
+    assert_ne!(
+        first_refresh, last_refresh,
+        "the refresh happened during the run"
+    );
+    drop(worker);
+    drop(api);
+
+    let mut logs = std::fs::read_to_string(&api_log).unwrap_or_default();
+    logs.push_str(&std::fs::read_to_string(&worker_log).unwrap_or_default());
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        logs.contains("request finished"),
+        "the api's logs were captured"
+    );
+    assert!(
+        logs.contains("graphdesk.sync_mailbox"),
+        "the worker's logs were captured"
+    );
+    let keyring = test_keyring();
+    let secrets = [
+        ("JWT secret", JWT_SECRET.to_string()),
+        ("client secret", CLIENT_SECRET.to_string()),
+        (
+            "encryption key",
+            keyring.split_once(':').unwrap().1.to_string(),
+        ),
+        ("admin JWT", admin),
+        ("ops JWT", ops),
+        ("authorization code", code),
+        ("PKCE verifier", verifier.expose_secret().to_string()),
+        ("first access token", first_access),
+        ("first refresh token", first_refresh),
+        ("last access token", last_access),
+        ("last refresh token", last_refresh),
+    ];
+    for (name, secret) in secrets {
+        assert!(secret.len() >= 8, "{name} is a real value");
+        assert!(!logs.contains(&secret), "the {name} appears in the logs");
+    }
+}
+
+/// Waits until no job is pending or running.
+async fn wait_quiet(db: &TestDb) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM queue_jobs WHERE status IN ('pending', 'running')",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if open == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "jobs did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn decrypt_tokens(
+    db: &TestDb,
+    services: &jobs::services::Services,
+    tenant: TenantId,
+) -> (AccountId, String, String) {
+    let (id, access, refresh): (uuid::Uuid, Vec<u8>, Vec<u8>) = sqlx::query_as(
+        "SELECT id, access_token_enc, refresh_token_enc FROM helpdesk_email_accounts",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let account = AccountId::from_uuid(id);
+    let a = services
+        .vault
+        .decrypt(
+            &AssociatedData::for_account(tenant, account, Column::AccessToken),
+            &access,
+        )
+        .unwrap();
+    let r = services
+        .vault
+        .decrypt(
+            &AssociatedData::for_account(tenant, account, Column::RefreshToken),
+            &refresh,
+        )
+        .unwrap();
+    (
+        account,
+        a.expose_secret().to_string(),
+        r.expose_secret().to_string(),
+    )
+}
