@@ -22,3 +22,5 @@ echo "== build binaries used by the tests"
 cargo build --workspace --bins
 echo "== cargo test"
 cargo test --workspace
+echo "== schemathesis against the committed OpenAPI spec"
+bash scripts/schemathesis.sh

@@ -234,8 +234,12 @@ async fn check_bearer(req: &Request, bearer: Bearer) -> poem::Result<Principal> 
     let state = req
         .data::<crate::AppState>()
         .ok_or_else(|| poem::Error::from_status(poem::http::StatusCode::INTERNAL_SERVER_ERROR))?;
-    state
-        .jwt
-        .verify(&bearer.token)
-        .map_err(|msg| poem::Error::from_string(msg, poem::http::StatusCode::UNAUTHORIZED))
+    let verified = state.jwt.verify(&bearer.token);
+    if let Ok(p) = &verified {
+        // Every later log line of this request carries who asked.
+        let span = tracing::Span::current();
+        span.record("tenant", tracing::field::display(p.tenant));
+        span.record("role", p.role.as_str());
+    }
+    verified.map_err(|msg| poem::Error::from_string(msg, poem::http::StatusCode::UNAUTHORIZED))
 }

@@ -15,6 +15,7 @@ pub fn current_request_id() -> String {
 
 /// The body of every error response.
 #[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ErrorBody {
     /// Machine-readable code, e.g. `not_found`, `validation_failed`.
     pub code: String,

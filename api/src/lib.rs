@@ -203,7 +203,14 @@ async fn request_context<E: Endpoint>(next: E, req: Request) -> poem::Result<Res
     let request_id = uuid::Uuid::new_v4().to_string();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let span = tracing::info_span!("request", request_id = %request_id, %method, %path);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        %method,
+        %path,
+        tenant = tracing::field::Empty,
+        role = tracing::field::Empty
+    );
     let started = std::time::Instant::now();
     let rid = request_id.clone();
     let result = REQUEST_ID

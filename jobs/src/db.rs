@@ -158,6 +158,35 @@ pub async fn tenant_execute(
     Ok(done)
 }
 
+/// Creates the database `url` names, connecting to the server's `postgres` database, unless it
+/// exists already (a fresh environment's first `worker migrate --create-database`).
+pub async fn create_database_if_missing(url: &secrecy::SecretString) -> Result<(), DbError> {
+    use sqlx::{ConnectOptions, Connection};
+    let options: PgConnectOptions = url.expose_secret().parse().map_err(DbError::BadUrl)?;
+    let name = options
+        .get_database()
+        .unwrap_or("postgres")
+        .to_string();
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .map_err(DbError::Connect)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {}", quote_ident(&name))))
+            .execute(&mut admin)
+            .await?;
+    }
+    admin.close().await.ok();
+    Ok(())
+}
+
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await.map_err(DbError::Migrate)
 }

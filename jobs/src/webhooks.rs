@@ -155,6 +155,10 @@ struct KnownSubscription {
     account_active: bool,
 }
 
+fn plausible_subscription_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 256 && !id.chars().any(char::is_control)
+}
+
 /// Verifies every notification and persists what the valid ones ask for, in one transaction:
 /// a coalesced sync per mailbox folder, and flags for the scheduler on lifecycle events. When
 /// this returns Ok the work is durable and the endpoint may answer 202.
@@ -163,6 +167,9 @@ pub async fn accept(pool: &PgPool, batch: &NotificationBatch) -> Result<Accepted
         .value
         .iter()
         .map(|n| n.subscription_id.as_str())
+        // Graph's ids are short and printable; anything else cannot be one of ours (and a NUL
+        // byte cannot even be sent to PostgreSQL as text).
+        .filter(|id| plausible_subscription_id(id))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();

@@ -681,3 +681,29 @@ async fn decrypt_tokens(
         r.expose_secret().to_string(),
     )
 }
+
+#[tokio::test]
+async fn hostile_webhook_payloads_are_discarded_without_a_server_error() {
+    let app = spawn_app().await;
+    for body in [
+        json!({ "value": [{ "subscriptionId": "\u{0}", "clientState": "x", "tenantId": "t" }] }),
+        json!({ "value": [{ "subscriptionId": "a".repeat(5000), "clientState": "x" }] }),
+        json!({ "value": [{ "subscriptionId": "unknown", "clientState": "x", "changeType": "created" }] }),
+    ] {
+        for path in ["/graph/notifications", "/graph/lifecycle"] {
+            let resp = app
+                .client
+                .post(app.url(path))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 202, "{path}");
+        }
+    }
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0);
+}

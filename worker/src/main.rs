@@ -30,7 +30,16 @@ enum Command {
         queues: Vec<String>,
     },
     /// Apply database migrations and exit.
-    Migrate,
+    Migrate {
+        /// Create the database named in DATABASE_URL first if it does not exist.
+        #[arg(long)]
+        create_database: bool,
+    },
+    /// Create a tenant (customer organisation) and print its id.
+    CreateTenant {
+        #[arg(long)]
+        name: String,
+    },
     /// Run the scheduler: periodic syncs, token refreshes, clean-ups and Graph subscriptions.
     /// Any number of replicas may run; one leads at a time.
     Scheduler,
@@ -42,6 +51,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::from_env()?;
     jobs::telemetry::init(settings.json_logs);
+    if let Some(Command::Migrate {
+        create_database: true,
+    }) = &cli.command
+    {
+        jobs::db::create_database_if_missing(&settings.database_url).await?;
+    }
     let pool = jobs::db::connect(
         &settings.database_url,
         settings.database_max_connections,
@@ -50,9 +65,25 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("connecting to the database")?;
     match cli.command.unwrap_or(Command::Run { queues: vec![] }) {
-        Command::Migrate => {
+        Command::Migrate { .. } => {
             jobs::db::migrate(&pool).await?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::CreateTenant { name } => {
+            let name = name.trim();
+            anyhow::ensure!(
+                (1..=200).contains(&name.chars().count()),
+                "--name must be 1 to 200 characters"
+            );
+            let id = jobs::ids::TenantId::new();
+            sqlx::query("INSERT INTO tenants (id, name) VALUES ($1, $2)")
+                .bind(id.as_uuid())
+                .bind(name)
+                .execute(&pool)
+                .await
+                .context("creating the tenant")?;
+            println!("{id}");
             Ok(())
         }
         Command::Run { queues } => {

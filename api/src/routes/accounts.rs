@@ -11,6 +11,7 @@ use crate::routes::ApiTags;
 use crate::routes::jobs_api::{Accepted, accepted};
 
 #[derive(Debug, Object, Default)]
+#[oai(skip_serializing_if_is_none)]
 pub struct SyncRequest {
     /// A well-known folder name (inbox, archive, …) or a Graph folder id. Default: inbox.
     pub folder: Option<String>,
@@ -63,6 +64,7 @@ fn valid_folder(folder: &str) -> bool {
 
 /// A mailbox's connection and sync health.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct AccountView {
     pub id: Uuid,
     pub email_address: String,

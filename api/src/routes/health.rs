@@ -4,11 +4,13 @@ use crate::AppState;
 use crate::routes::ApiTags;
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Health {
     pub status: String,
 }
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ReadinessView {
     pub ready: bool,
     pub database: bool,

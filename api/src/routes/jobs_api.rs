@@ -12,6 +12,7 @@ use crate::routes::ApiTags;
 
 /// A job as ops and clients see it.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobView {
     pub id: i64,
     pub queue: String,
@@ -54,6 +55,7 @@ impl From<JobRecord> for JobView {
 
 /// The answer to every request that enqueues work.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobAccepted {
     pub job_id: i64,
     pub queue: String,
@@ -63,6 +65,7 @@ pub struct JobAccepted {
 
 /// Knobs for a diagnostic probe job.
 #[derive(Debug, Object, Default)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ProbeRequest {
     /// Simulated work in milliseconds (at most 60,000).
     #[oai(default)]

@@ -12,6 +12,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::routes::ApiTags;
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ConnectStart {
     /// Send the user's browser here to sign in with Microsoft.
     pub authorize_url: String,

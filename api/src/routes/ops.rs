@@ -39,6 +39,7 @@ fn view(job: JobRecord) -> JobView {
 
 /// One page of jobs, newest first.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct JobPage {
     pub jobs: Vec<JobView>,
     /// Pass as `before_id` for the next (older) page; absent on the last page.
@@ -48,6 +49,7 @@ pub struct JobPage {
 /// Which jobs a bulk retry acts on; empty fields match everything. Only dead and cancelled
 /// jobs are retried.
 #[derive(Debug, Object, Default)]
+#[oai(skip_serializing_if_is_none)]
 pub struct RetryFilter {
     pub queue: Option<String>,
     pub tenant_id: Option<Uuid>,
@@ -57,12 +59,14 @@ pub struct RetryFilter {
 }
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct Affected {
     /// How many jobs the action changed.
     pub count: u64,
 }
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct PurgeRequest {
     /// Delete done, dead and cancelled jobs that finished more than this many days ago.
     #[oai(validator(minimum(value = "1"), maximum(value = "3650")))]
@@ -71,6 +75,7 @@ pub struct PurgeRequest {
 
 /// One queue at a glance.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct QueueSummary {
     pub queue: String,
     pub pending: i64,
@@ -84,6 +89,7 @@ pub struct QueueSummary {
 
 /// Jobs done and attempts failed in one 5-minute bucket.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ThroughputPoint {
     pub bucket_start: DateTime<Utc>,
     pub done: i64,
@@ -91,6 +97,7 @@ pub struct ThroughputPoint {
 }
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct OpsOverview {
     pub queues: Vec<QueueSummary>,
     /// The last hour, oldest bucket first.
@@ -100,6 +107,7 @@ pub struct OpsOverview {
 
 /// A mailbox's health.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct AccountHealthView {
     pub id: Uuid,
     pub tenant_id: Uuid,

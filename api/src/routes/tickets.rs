@@ -13,6 +13,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::routes::ApiTags;
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ReplyRequest {
     /// Recipients; default: the ticket's customer.
     #[oai(default)]
@@ -24,6 +25,7 @@ pub struct ReplyRequest {
 }
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ReplyAccepted {
     pub send_id: Uuid,
     pub job_id: Option<i64>,
@@ -33,6 +35,7 @@ pub struct ReplyAccepted {
 
 /// A ticket in a list.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TicketView {
     /// The ticket number, also the `[#n]` token in reply subjects.
     pub id: i64,
@@ -66,6 +69,7 @@ impl From<jobs::tickets::TicketSummary> for TicketView {
 
 /// A message on a ticket, with the threading rule that put it there.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct MessageItem {
     pub id: Uuid,
     /// inbound or outbound.
@@ -92,12 +96,14 @@ pub struct MessageItem {
 }
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TicketDetail {
     pub ticket: TicketView,
     pub messages: Vec<MessageItem>,
 }
 
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct TicketPage {
     pub tickets: Vec<TicketView>,
     /// Pass as `before_id` for the next page; absent on the last page.

@@ -23,7 +23,7 @@ use crate::routes::ApiTags;
 
 /// One change notification or lifecycle event, as Graph posts it (other fields are ignored).
 #[derive(Debug, Object)]
-#[oai(rename_all = "camelCase")]
+#[oai(skip_serializing_if_is_none, rename_all = "camelCase")]
 pub struct ChangeNotification {
     pub subscription_id: String,
     /// The subscription's secret, echoed back by Graph.
@@ -39,6 +39,7 @@ pub struct ChangeNotification {
 
 /// The body Graph posts: one or more notifications.
 #[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
 pub struct ChangeNotificationCollection {
     pub value: Vec<ChangeNotification>,
 }
