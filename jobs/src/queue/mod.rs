@@ -111,45 +111,55 @@ impl Queue {
     /// Enqueues many jobs of one kind in one statement (no idempotency keys); returns their ids
     /// in input order.
     pub async fn enqueue_batch<J: JobKind>(&self, jobs: &[J]) -> Result<Vec<JobId>, QueueError> {
-        let mut payloads = Vec::with_capacity(jobs.len());
-        let mut tenants = Vec::with_capacity(jobs.len());
-        let mut accounts = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            payloads.push(
-                serde_json::to_value(job).map_err(|source| QueueError::Encode {
-                    queue: J::QUEUE,
-                    source,
-                })?,
-            );
-            tenants.push(job.tenant().map(|t| t.as_uuid()));
-            accounts.push(job.account().map(|a| a.as_uuid()));
-        }
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "WITH ins AS (
-                INSERT INTO queue_jobs (queue, tenant_id, email_account_id, payload, max_attempts)
-                SELECT $1, t, a, p, $5
-                FROM unnest($2::uuid[], $3::uuid[], $4::jsonb[]) WITH ORDINALITY AS u(t, a, p, ord)
-                ORDER BY ord
-                RETURNING id
-            )
-            SELECT id FROM ins ORDER BY id",
-        )
-        .bind(J::QUEUE)
-        .bind(&tenants)
-        .bind(&accounts)
-        .bind(&payloads)
-        .bind(J::MAX_ATTEMPTS)
-        .fetch_all(&self.pool)
-        .await
-        .ctx("enqueue_batch")?;
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(NOTIFY_CHANNEL)
-            .bind(J::QUEUE)
-            .execute(&self.pool)
-            .await
-            .ctx("notify")?;
-        Ok(ids.into_iter().map(JobId::new).collect())
+        let mut conn = self.pool.acquire().await.ctx("acquire")?;
+        enqueue_batch_in(&mut conn, jobs).await
     }
+}
+
+/// [`Queue::enqueue_batch`] inside the caller's transaction: the jobs become visible, and the
+/// workers are woken, only when the caller commits.
+pub async fn enqueue_batch_in<J: JobKind>(
+    conn: &mut PgConnection,
+    jobs: &[J],
+) -> Result<Vec<JobId>, QueueError> {
+    let mut payloads = Vec::with_capacity(jobs.len());
+    let mut tenants = Vec::with_capacity(jobs.len());
+    let mut accounts = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        payloads.push(
+            serde_json::to_value(job).map_err(|source| QueueError::Encode {
+                queue: J::QUEUE,
+                source,
+            })?,
+        );
+        tenants.push(job.tenant().map(|t| t.as_uuid()));
+        accounts.push(job.account().map(|a| a.as_uuid()));
+    }
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The notification rides in the same statement (Postgres sends it at commit and folds
+    // duplicates), so an enqueue outside a transaction is one round trip and one commit.
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "WITH ins AS (
+            INSERT INTO queue_jobs (queue, tenant_id, email_account_id, payload, max_attempts)
+            SELECT $1, t, a, p, $5
+            FROM unnest($2::uuid[], $3::uuid[], $4::jsonb[]) WITH ORDINALITY AS u(t, a, p, ord)
+            ORDER BY ord
+            RETURNING id
+        ), woken AS (SELECT pg_notify($6, $1) AS n)
+        SELECT id FROM ins, woken ORDER BY id",
+    )
+    .bind(J::QUEUE)
+    .bind(&tenants)
+    .bind(&accounts)
+    .bind(&payloads)
+    .bind(J::MAX_ATTEMPTS)
+    .bind(NOTIFY_CHANNEL)
+    .fetch_all(&mut *conn)
+    .await
+    .ctx("enqueue_batch")?;
+    Ok(ids.into_iter().map(JobId::new).collect())
 }
 
 /// Enqueues inside the caller's transaction (transactional outbox): the job exists exactly when
@@ -168,13 +178,17 @@ pub async fn enqueue_in<J: JobKind>(
     // A conflicting job can leave `pending` between our insert and our look-up (a worker
     // claimed it); then a new insert succeeds, so a few rounds always settle.
     for _ in 0..5 {
+        // The notification rides in the insert: one round trip, and none for a duplicate.
         let inserted: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO queue_jobs
-                 (queue, tenant_id, email_account_id, payload, priority, max_attempts, run_at,
-                  idempotency_key, coalesce_key)
-             VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), $8, $9)
-             ON CONFLICT DO NOTHING
-             RETURNING id",
+            "WITH ins AS (
+                INSERT INTO queue_jobs
+                    (queue, tenant_id, email_account_id, payload, priority, max_attempts, run_at,
+                     idempotency_key, coalesce_key)
+                VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), $8, $9)
+                ON CONFLICT DO NOTHING
+                RETURNING id
+             )
+             SELECT id FROM ins, LATERAL (SELECT pg_notify($10, $1)) woken",
         )
         .bind(J::QUEUE)
         .bind(job.tenant().map(|t| t.as_uuid()))
@@ -185,16 +199,11 @@ pub async fn enqueue_in<J: JobKind>(
         .bind(opts.run_at)
         .bind(opts.idempotency_key.as_deref())
         .bind(coalesce_key.as_deref())
+        .bind(NOTIFY_CHANNEL)
         .fetch_optional(&mut *conn)
         .await
         .ctx("enqueue")?;
         if let Some(id) = inserted {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(NOTIFY_CHANNEL)
-                .bind(J::QUEUE)
-                .execute(&mut *conn)
-                .await
-                .ctx("notify")?;
             return Ok(Enqueued {
                 id: JobId::new(id),
                 created: true,

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,7 +25,7 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use sqlx::postgres::PgListener;
 use sqlx::{AssertSqlSafe, PgPool};
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -106,19 +107,24 @@ struct Completion {
     error: Option<String>,
 }
 
-struct CompletionRequest {
-    completion: Completion,
-    applied: oneshot::Sender<bool>,
+/// A claimed job this process still answers for: its lease is renewed until its completion
+/// is durable, and it is handed back at shutdown while its handler is still executing.
+#[derive(Debug, Clone, Copy)]
+struct Inflight {
+    attempt: i32,
+    executing: bool,
 }
 
 struct Inner {
     pool: PgPool,
     worker_id: Arc<str>,
     settings: QueueSettings,
-    completions: mpsc::UnboundedSender<CompletionRequest>,
-    /// job id → attempt, for the heartbeat and for releasing jobs on shutdown.
-    inflight: Mutex<HashMap<i64, i32>>,
-    inflight_drained: Notify,
+    completions: mpsc::UnboundedSender<Completion>,
+    /// Claimed jobs whose completion is not yet durable: the heartbeat renews their leases.
+    inflight: Mutex<HashMap<i64, Inflight>>,
+    /// Handlers running now (the `executing` entries of `inflight`).
+    executing: AtomicUsize,
+    execution_drained: Notify,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Stops fetching; in-flight jobs go on.
     stop_fetching: CancellationToken,
@@ -162,7 +168,8 @@ impl WorkerRuntime {
             settings,
             completions: tx,
             inflight: Mutex::new(HashMap::new()),
-            inflight_drained: Notify::new(),
+            executing: AtomicUsize::new(0),
+            execution_drained: Notify::new(),
             wakers: Mutex::new(HashMap::new()),
             stop_fetching: CancellationToken::new(),
             stop_background: CancellationToken::new(),
@@ -193,13 +200,19 @@ impl WorkerRuntime {
         let permits = Arc::new(Semaphore::new(self.inner.settings.worker_concurrency));
         let (tx, rx) = mpsc::channel(self.inner.settings.worker_concurrency.max(1));
         let wake = self.waker(J::QUEUE);
-        let handle = tokio::spawn(fetch_loop::<J>(
-            self.inner.clone(),
-            permits.clone(),
-            tx,
-            wake,
-        ));
-        self.background.lock().expect("poisoned").push(handle);
+        // A claim waits a round trip and a commit; with room for several batches, as many
+        // claims overlap so the slots do not idle meanwhile.
+        let settings = &self.inner.settings;
+        let fetchers = (settings.worker_concurrency / settings.batch_size.max(1)).clamp(1, 4);
+        for _ in 0..fetchers {
+            let handle = tokio::spawn(fetch_loop::<J>(
+                self.inner.clone(),
+                permits.clone(),
+                tx.clone(),
+                wake.clone(),
+            ));
+            self.background.lock().expect("poisoned").push(handle);
+        }
         (
             PgBackend {
                 rx,
@@ -224,36 +237,45 @@ impl WorkerRuntime {
             .clone()
     }
 
+    /// Jobs claimed by this process whose outcome is not durable yet.
     #[must_use]
     pub fn inflight(&self) -> usize {
         self.inner.inflight.lock().expect("poisoned").len()
+    }
+
+    fn executing(&self) -> usize {
+        self.inner.executing.load(Ordering::SeqCst)
     }
 
     /// Graceful stop: no new claims; in-flight jobs get `grace` to finish; whatever is still
     /// running then goes back to pending (without spending its attempt) so another worker
     /// picks it up at once instead of waiting for the lease to expire.
     pub async fn shutdown(&self, grace: Duration) {
-        info!(worker_id = %self.inner.worker_id, inflight = self.inflight(), "draining");
+        info!(worker_id = %self.inner.worker_id, executing = self.executing(), "draining");
         self.inner.stop_fetching.cancel();
         let deadline = tokio::time::Instant::now() + grace;
         loop {
-            let drained = self.inner.inflight_drained.notified();
-            if self.inflight() == 0 {
+            let drained = self.inner.execution_drained.notified();
+            if self.executing() == 0 {
                 break;
             }
             if tokio::time::timeout_at(deadline, drained).await.is_err() {
                 break;
             }
         }
+        // Finished jobs are left to the flusher; only handlers still running are handed back.
         let leftovers: Vec<(i64, i32)> = self
             .inner
             .inflight
             .lock()
             .expect("poisoned")
             .iter()
-            .map(|(id, attempt)| (*id, *attempt))
+            .filter(|(_, job)| job.executing)
+            .map(|(id, job)| (*id, job.attempt))
             .collect();
         if !leftovers.is_empty() {
+            let ids: Vec<i64> = leftovers.iter().map(|j| j.0).collect();
+            forget(&self.inner, &ids);
             match release_jobs(&self.inner, &leftovers).await {
                 Ok(n) => warn!(
                     released = n,
@@ -379,48 +401,20 @@ async fn claim(inner: &Inner, queue: &str, n: usize) -> Result<Vec<ClaimedRow>, 
                 .ctx("claim")
         }
         Some(default_limit) => {
-            let mut tx = inner.pool.begin().await.ctx("claim_begin")?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(TENANT_CLAIM_LOCK)
-                .execute(&mut *tx)
-                .await
-                .ctx("claim_lock")?;
-            // Candidates are over-sampled so one tenant at its limit at the head of the queue
-            // does not starve the tenants behind it.
-            let sql = format!(
-                "WITH running AS (
-                    SELECT tenant_id, count(*) AS n FROM queue_jobs
-                    WHERE status = 'running' AND tenant_id IS NOT NULL GROUP BY tenant_id
-                 ), candidates AS (
-                    SELECT c.id, c.tenant_id, c.priority, c.run_at,
-                           row_number() OVER (PARTITION BY c.tenant_id
-                                              ORDER BY c.priority DESC, c.run_at, c.id) AS rn
-                    FROM (SELECT id, tenant_id, priority, run_at FROM queue_jobs
-                          WHERE queue = $1 AND status = 'pending' AND run_at <= now()
-                          ORDER BY priority DESC, run_at, id
-                          LIMIT $5 FOR UPDATE SKIP LOCKED) c
-                 ), picked AS (
-                    SELECT c.id FROM candidates c
-                    LEFT JOIN running r ON r.tenant_id = c.tenant_id
-                    LEFT JOIN tenants t ON t.id = c.tenant_id
-                    WHERE c.tenant_id IS NULL
-                       OR c.rn + coalesce(r.n, 0) <= coalesce(t.concurrency_limit, $6)
-                    ORDER BY c.priority DESC, c.run_at, c.id
-                    LIMIT $2)
-                 {CLAIM_SET}"
-            );
-            let rows = sqlx::query_as(AssertSqlSafe(sql))
+            // One round trip: the function takes the lock and claims on a fresh snapshot
+            // (migrations/20261125000020_queue_perf.sql explains why that keeps the limit
+            // exact).
+            sqlx::query_as("SELECT * FROM queue_claim_limited($1, $2, $3, $4, $5, $6, $7)")
                 .bind(queue)
-                .bind(n as i64)
+                .bind(n as i32)
                 .bind(&*inner.worker_id)
                 .bind(lease)
-                .bind((n as i64 * 8).max(256))
-                .bind(default_limit as i64)
-                .fetch_all(&mut *tx)
+                .bind((n as i32 * 8).max(256))
+                .bind(default_limit as i32)
+                .bind(TENANT_CLAIM_LOCK)
+                .fetch_all(&inner.pool)
                 .await
-                .ctx("claim")?;
-            tx.commit().await.ctx("claim_commit")?;
-            Ok(rows)
+                .ctx("claim")
         }
     }
 }
@@ -474,8 +468,15 @@ async fn fetch_loop<J: JobKind>(
         {
             let mut inflight = inner.inflight.lock().expect("poisoned");
             for row in &claimed {
-                inflight.insert(row.id, row.attempts);
+                inflight.insert(
+                    row.id,
+                    Inflight {
+                        attempt: row.attempts,
+                        executing: true,
+                    },
+                );
             }
+            inner.executing.fetch_add(claimed.len(), Ordering::SeqCst);
         }
         for row in claimed {
             let id = row.id;
@@ -494,7 +495,7 @@ async fn fetch_loop<J: JobKind>(
                     if tx.send(task).await.is_err() {
                         // The apalis worker is gone; hand the rest back.
                         let _ = release_jobs(&inner, &[(id, row.attempts)]).await;
-                        forget_inflight(&inner, id);
+                        forget(&inner, &[id]);
                         permits.add_permits(1);
                     }
                 }
@@ -509,8 +510,8 @@ async fn fetch_loop<J: JobKind>(
                         run_at: None,
                         error: Some(format!("payload could not be decoded as {}: {e}", J::QUEUE)),
                     };
-                    submit(&inner, completion).await;
-                    forget_inflight(&inner, id);
+                    finish_execution(&inner, id);
+                    submit(&inner, completion);
                     permits.add_permits(1);
                 }
             }
@@ -532,35 +533,57 @@ struct ClaimInfo {
     max_attempts: i32,
 }
 
-fn forget_inflight(inner: &Inner, id: i64) {
+/// The handler returned: its slot is free for another job, while the job stays in flight
+/// (its lease renewed) until the flusher has made its outcome durable.
+fn finish_execution(inner: &Inner, id: i64) {
     let mut inflight = inner.inflight.lock().expect("poisoned");
-    inflight.remove(&id);
-    if inflight.is_empty() {
-        inner.inflight_drained.notify_waiters();
-    }
-}
-
-/// Hands a completion to the flusher and waits until it is durable; returns whether the
-/// compare-and-set matched (false: a newer execution owns the job).
-async fn submit(inner: &Inner, completion: Completion) -> bool {
-    let (tx, rx) = oneshot::channel();
-    if inner
-        .completions
-        .send(CompletionRequest {
-            completion,
-            applied: tx,
-        })
-        .is_err()
+    if let Some(job) = inflight.get_mut(&id)
+        && job.executing
     {
-        return false;
+        job.executing = false;
+        if inner.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
+            inner.execution_drained.notify_waiters();
+        }
     }
-    rx.await.unwrap_or(false)
 }
 
-async fn flush_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<CompletionRequest>) {
-    const MAX_BATCH: usize = 1000;
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+/// This process no longer answers for these jobs.
+fn forget(inner: &Inner, ids: &[i64]) {
+    let mut inflight = inner.inflight.lock().expect("poisoned");
+    let mut stopped = 0;
+    for id in ids {
+        if let Some(job) = inflight.remove(id)
+            && job.executing
+        {
+            stopped += 1;
+        }
+    }
+    if stopped > 0 && inner.executing.fetch_sub(stopped, Ordering::SeqCst) == stopped {
+        inner.execution_drained.notify_waiters();
+    }
+}
+
+/// Hands a completion to the flusher. The job's slot is not held for the write: the job stays
+/// `running` (and its lease renewed) until the flush lands, so a crash before then re-runs it,
+/// which handlers tolerate, and a stale execution still loses the compare-and-set.
+fn submit(inner: &Inner, completion: Completion) {
+    // Fails only once the flusher has stopped at shutdown; the lease then hands the job on.
+    let _ = inner.completions.send(completion);
+}
+
+async fn flush_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Completion>) {
+    // Completions that arrive while flushes are in the air go out together in the next: the
+    // batch grows with the load, with no timer adding latency when the queue is quiet. A few
+    // flushes may overlap so one commit's fsync does not hold up the next batch.
+    const MAX_BATCH: usize = 2000;
+    const MAX_FLUSHES: usize = 4;
+    let slots = Arc::new(Semaphore::new(MAX_FLUSHES));
+    let mut flushes = tokio::task::JoinSet::new();
     loop {
+        while flushes.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let first = tokio::select! {
             r = rx.recv() => r,
             () = inner.stop_background.cancelled() => {
@@ -569,6 +592,7 @@ async fn flush_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Completio
             }
         };
         let Some(first) = first else { break };
+        let mut batch = Vec::with_capacity(64);
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -576,32 +600,51 @@ async fn flush_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Completio
                 Err(_) => break,
             }
         }
-        let mut failures = 0u32;
-        let applied = loop {
-            match flush(&inner.pool, &batch).await {
-                Ok(applied) => break Some(applied),
-                Err(e) => {
-                    failures += 1;
-                    if failures > 3 && inner.stop_background.is_cancelled() {
-                        error!(error = ?e, "giving up flushing completions at shutdown; leases will expire and the jobs re-run");
-                        break None;
-                    }
-                    let delay = Duration::from_millis(50 * 2u64.pow(failures.min(7)));
-                    warn!(error = ?e, retry_in_ms = delay.as_millis() as u64, "completion flush failed");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        };
-        for req in batch.drain(..) {
-            let ok = applied
-                .as_ref()
-                .is_some_and(|a| a.contains(&req.completion.id));
-            let _ = req.applied.send(ok);
-        }
+        let inner = inner.clone();
+        flushes.spawn(async move {
+            flush_with_retry(&inner, batch).await;
+            drop(slot);
+        });
     }
+    while flushes.join_next().await.is_some() {}
 }
 
-async fn flush(pool: &PgPool, batch: &[CompletionRequest]) -> Result<Vec<i64>, QueueError> {
+async fn flush_with_retry(inner: &Inner, batch: Vec<Completion>) {
+    let mut failures = 0u32;
+    let applied = loop {
+        match flush(&inner.pool, &batch).await {
+            Ok(applied) => break Some(applied),
+            Err(e) => {
+                failures += 1;
+                if failures > 3 && inner.stop_background.is_cancelled() {
+                    error!(error = ?e, "giving up flushing completions at shutdown; leases will expire and the jobs re-run");
+                    break None;
+                }
+                let delay = Duration::from_millis(50 * 2u64.pow(failures.min(7)));
+                warn!(error = ?e, retry_in_ms = delay.as_millis() as u64, "completion flush failed");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    };
+    let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
+    if let Some(applied) = applied
+        && applied.len() < ids.len()
+    {
+        let applied: std::collections::HashSet<i64> = applied.into_iter().collect();
+        let stale: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !applied.contains(id))
+            .collect();
+        warn!(
+            jobs = ?stale,
+            "completions not applied: those jobs were recovered by another worker meanwhile"
+        );
+    }
+    forget(inner, &ids);
+}
+
+async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<i64>, QueueError> {
     let n = batch.len();
     let mut ids = Vec::with_capacity(n);
     let mut attempts = Vec::with_capacity(n);
@@ -610,8 +653,7 @@ async fn flush(pool: &PgPool, batch: &[CompletionRequest]) -> Result<Vec<i64>, Q
     let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
     let mut errors: Vec<Option<String>> = Vec::with_capacity(n);
     let mut kinds = Vec::with_capacity(n);
-    for req in batch {
-        let c = &req.completion;
+    for c in batch {
         ids.push(c.id);
         attempts.push(c.attempt);
         statuses.push(c.outcome.status());
@@ -856,7 +898,7 @@ impl<J: JobKind, H: JobHandler<J>> tower::Service<Task<J>> for JobService<J, H> 
                 let started = std::time::Instant::now();
                 let timeout = inner.settings.job_timeout;
                 let handler_ctx = ctx.clone();
-                let run = tokio::spawn(
+                let mut run = tokio::spawn(
                     async move {
                         AssertUnwindSafe(handler.handle(args, handler_ctx))
                             .catch_unwind()
@@ -864,17 +906,21 @@ impl<J: JobKind, H: JobHandler<J>> tower::Service<Task<J>> for JobService<J, H> 
                     }
                     .in_current_span(),
                 );
-                let result = match tokio::time::timeout(timeout, run).await {
+                let result = match tokio::time::timeout(timeout, &mut run).await {
                     Ok(Ok(Ok(r))) => r,
                     Ok(Ok(Err(panic))) => Err(JobError::retry(format!(
                         "handler panicked: {}",
                         panic_message(&panic)
                     ))),
                     Ok(Err(join)) => Err(JobError::retry(format!("handler task failed: {join}"))),
-                    Err(_) => Err(JobError::retry(format!(
-                        "timed out after {} s",
-                        timeout.as_secs_f64()
-                    ))),
+                    Err(_) => {
+                        // A timed-out run must not go on beside its own retry.
+                        run.abort();
+                        Err(JobError::retry(format!(
+                            "timed out after {} s",
+                            timeout.as_secs_f64()
+                        )))
+                    }
                 };
                 let completion = decide::<J>(id, &ctx, result);
                 let outcome = completion.outcome;
@@ -887,10 +933,8 @@ impl<J: JobKind, H: JobHandler<J>> tower::Service<Task<J>> for JobService<J, H> 
                     Outcome::Retry => warn!(error = completion.error.as_deref(), run_at = ?completion.run_at, "job failed; will retry"),
                     Outcome::Dead => error!(error = completion.error.as_deref(), "job failed permanently"),
                 }
-                if !submit(&inner, completion).await {
-                    warn!("completion not applied: the job was recovered by another worker meanwhile");
-                }
-                forget_inflight(&inner, id);
+                finish_execution(&inner, id);
+                submit(&inner, completion);
                 permits.add_permits(1);
                 Ok(())
             }
