@@ -136,7 +136,11 @@ pub fn offline_state() -> anyhow::Result<AppState> {
         mailbox_concurrency: 4,
         mailbox_budget_per_10_min: 10_000,
     };
-    Ok(AppState::new(Services::new(pool, &settings)?, jwt, Limits::default()))
+    Ok(AppState::new(
+        Services::new(pool, &settings)?,
+        jwt,
+        Limits::default(),
+    ))
 }
 
 /// The OpenAPI document as YAML, exactly as served at /openapi.yaml (committed as

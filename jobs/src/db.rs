@@ -163,10 +163,7 @@ pub async fn tenant_execute(
 pub async fn create_database_if_missing(url: &secrecy::SecretString) -> Result<(), DbError> {
     use sqlx::{ConnectOptions, Connection};
     let options: PgConnectOptions = url.expose_secret().parse().map_err(DbError::BadUrl)?;
-    let name = options
-        .get_database()
-        .unwrap_or("postgres")
-        .to_string();
+    let name = options.get_database().unwrap_or("postgres").to_string();
     let mut admin = options
         .clone()
         .database("postgres")
@@ -179,9 +176,12 @@ pub async fn create_database_if_missing(url: &secrecy::SecretString) -> Result<(
             .fetch_one(&mut admin)
             .await?;
     if !exists {
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {}", quote_ident(&name))))
-            .execute(&mut admin)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {}",
+            quote_ident(&name)
+        )))
+        .execute(&mut admin)
+        .await?;
     }
     admin.close().await.ok();
     Ok(())

@@ -47,7 +47,10 @@ impl World {
         let start: serde_json::Value = self
             .app
             .client
-            .get(self.app.url(&format!("/api/v1/oauth/connect?login_hint={login_hint}")))
+            .get(
+                self.app
+                    .url(&format!("/api/v1/oauth/connect?login_hint={login_hint}")),
+            )
             .bearer_auth(&self.admin)
             .send()
             .await
@@ -55,8 +58,14 @@ impl World {
             .json()
             .await
             .unwrap();
-        let authorize = start["authorize_url"].as_str().expect("authorize url").to_string();
-        assert!(authorize.contains("code_challenge_method=S256"), "{authorize}");
+        let authorize = start["authorize_url"]
+            .as_str()
+            .expect("authorize url")
+            .to_string();
+        assert!(
+            authorize.contains("code_challenge_method=S256"),
+            "{authorize}"
+        );
         let resp = self.app.client.get(&authorize).send().await.unwrap();
         assert_eq!(resp.status(), 302, "graph-sim redirects back");
         let callback = resp.headers()["location"].to_str().unwrap().to_string();
@@ -85,7 +94,10 @@ async fn a_mailbox_connects_through_the_oauth_flow_and_its_tokens_are_encrypted(
     let w = world().await;
     let (status, page, callback) = w.connect("helpdesk@contoso.example").await;
     assert_eq!(status, 200, "{page}");
-    assert!(page.contains("helpdesk@contoso.example is connected"), "{page}");
+    assert!(
+        page.contains("helpdesk@contoso.example is connected"),
+        "{page}"
+    );
 
     let account = w.account().await;
     let (status, access, refresh): (String, Vec<u8>, Vec<u8>) = sqlx::query_as(
@@ -99,25 +111,36 @@ async fn a_mailbox_connects_through_the_oauth_flow_and_its_tokens_are_encrypted(
     let services = w.services();
     let plain = services
         .vault
-        .decrypt(&AssociatedData::for_account(w.tenant, account, Column::AccessToken), &access)
+        .decrypt(
+            &AssociatedData::for_account(w.tenant, account, Column::AccessToken),
+            &access,
+        )
         .unwrap();
     let plain = plain.expose_secret();
     assert!(plain.len() > 10);
     assert!(
-        !access.windows(plain.len()).any(|win| win == plain.as_bytes()),
+        !access
+            .windows(plain.len())
+            .any(|win| win == plain.as_bytes()),
         "the stored access token is not plaintext"
     );
     // A ciphertext is bound to its row and column.
     assert!(
         services
             .vault
-            .decrypt(&AssociatedData::for_account(w.tenant, account, Column::RefreshToken), &access)
+            .decrypt(
+                &AssociatedData::for_account(w.tenant, account, Column::RefreshToken),
+                &access
+            )
             .is_err()
     );
     assert!(
         services
             .vault
-            .decrypt(&AssociatedData::for_account(w.tenant, AccountId::new(), Column::RefreshToken), &refresh)
+            .decrypt(
+                &AssociatedData::for_account(w.tenant, AccountId::new(), Column::RefreshToken),
+                &refresh
+            )
             .is_err()
     );
 
@@ -126,7 +149,10 @@ async fn a_mailbox_connects_through_the_oauth_flow_and_its_tokens_are_encrypted(
         .fetch_all(&w.app.db.pool)
         .await
         .unwrap();
-    assert_eq!(queues, vec!["graphdesk.sync_mailbox", "graphdesk.validate_account"]);
+    assert_eq!(
+        queues,
+        vec!["graphdesk.sync_mailbox", "graphdesk.validate_account"]
+    );
     let audited: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM audit_log WHERE action = 'account.connected' AND entity_id = $1",
     )
@@ -163,7 +189,13 @@ async fn an_expired_state_or_a_denied_consent_connects_nothing() {
         .await
         .unwrap();
     w.sim.set_login_user("helpdesk@contoso.example");
-    let resp = w.app.client.get(start["authorize_url"].as_str().unwrap()).send().await.unwrap();
+    let resp = w
+        .app
+        .client
+        .get(start["authorize_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
     let callback = resp.headers()["location"].to_str().unwrap().to_string();
     let page = w.app.client.get(&callback).send().await.unwrap();
     assert_eq!(page.status(), 400);
@@ -180,7 +212,11 @@ async fn an_expired_state_or_a_denied_consent_connects_nothing() {
         .await
         .unwrap();
     assert_eq!(accounts, 0, "nothing half-created");
-    assert_eq!(w.sim.stats().token_requests("authorization_code"), 0, "no code was redeemed");
+    assert_eq!(
+        w.sim.stats().token_requests("authorization_code"),
+        0,
+        "no code was redeemed"
+    );
 }
 
 #[tokio::test]
@@ -189,7 +225,10 @@ async fn a_wrong_pkce_verifier_is_refused_by_the_identity_platform() {
     let start: serde_json::Value = w
         .app
         .client
-        .get(w.app.url("/api/v1/oauth/connect?login_hint=helpdesk@contoso.example"))
+        .get(
+            w.app
+                .url("/api/v1/oauth/connect?login_hint=helpdesk@contoso.example"),
+        )
         .bearer_auth(&w.admin)
         .send()
         .await
@@ -204,7 +243,11 @@ async fn a_wrong_pkce_verifier_is_refused_by_the_identity_platform() {
         .unwrap();
     let other = jobs::graph::Pkce::new_random();
     let enc = w.services().vault.encrypt(
-        &AssociatedData::for_owner(w.tenant, format!("oauth_state:{hash}"), Column::CodeVerifier),
+        &AssociatedData::for_owner(
+            w.tenant,
+            format!("oauth_state:{hash}"),
+            Column::CodeVerifier,
+        ),
         other.verifier(),
     );
     sqlx::query("UPDATE oauth_states SET code_verifier_enc = $1")
@@ -212,7 +255,13 @@ async fn a_wrong_pkce_verifier_is_refused_by_the_identity_platform() {
         .execute(&w.app.db.pool)
         .await
         .unwrap();
-    let resp = w.app.client.get(start["authorize_url"].as_str().unwrap()).send().await.unwrap();
+    let resp = w
+        .app
+        .client
+        .get(start["authorize_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
     let callback = resp.headers()["location"].to_str().unwrap().to_string();
     let page = w.app.client.get(&callback).send().await.unwrap();
     assert_eq!(page.status(), 400);
@@ -249,7 +298,9 @@ async fn concurrent_refreshes_from_two_connection_pools_make_one_token_request()
                 &services.authority,
                 tenant,
                 account,
-                RefreshMode::Force { unless_refreshed_since: before },
+                RefreshMode::Force {
+                    unless_refreshed_since: before,
+                },
             )
             .await
             .map(|t| t.expose_secret().to_string())
@@ -259,7 +310,11 @@ async fn concurrent_refreshes_from_two_connection_pools_make_one_token_request()
     for c in calls {
         tokens.insert(c.await.unwrap().expect("refresh succeeds"));
     }
-    assert_eq!(w.sim.stats().token_requests("refresh_token"), 1, "single flight");
+    assert_eq!(
+        w.sim.stats().token_requests("refresh_token"),
+        1,
+        "single flight"
+    );
     assert_eq!(tokens.len(), 1, "every caller got the one new token");
 
     // The rotated refresh token was persisted, and the next refresh uses and rotates it.
@@ -273,7 +328,9 @@ async fn concurrent_refreshes_from_two_connection_pools_make_one_token_request()
         &services.authority,
         w.tenant,
         account,
-        RefreshMode::Force { unless_refreshed_since: chrono::Utc::now() },
+        RefreshMode::Force {
+            unless_refreshed_since: chrono::Utc::now(),
+        },
     )
     .await
     .unwrap();
@@ -290,7 +347,10 @@ async fn stored_refresh(w: &World, account: AccountId) -> String {
             .unwrap();
     w.services()
         .vault
-        .decrypt(&AssociatedData::for_account(w.tenant, account, Column::RefreshToken), &enc)
+        .decrypt(
+            &AssociatedData::for_account(w.tenant, account, Column::RefreshToken),
+            &enc,
+        )
         .unwrap()
         .expose_secret()
         .to_string()
@@ -301,12 +361,15 @@ async fn a_revoked_refresh_token_marks_the_account_needs_reauth_without_a_retry_
     let w = world().await;
     w.connect("helpdesk@contoso.example").await;
     let account = w.account().await;
-    w.sim.revoke_refresh_tokens("helpdesk@contoso.example", 70008);
+    w.sim
+        .revoke_refresh_tokens("helpdesk@contoso.example", 70008);
     // The tokens were issued an hour ago, so a forced refresh really goes to Microsoft.
-    sqlx::query("UPDATE helpdesk_email_accounts SET token_refreshed_at = now() - interval '1 hour'")
-        .execute(&w.app.db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE helpdesk_email_accounts SET token_refreshed_at = now() - interval '1 hour'",
+    )
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
     let _worker = spawn_worker(
         &w.app.db,
         WorkerOptions {
@@ -315,38 +378,59 @@ async fn a_revoked_refresh_token_marks_the_account_needs_reauth_without_a_retry_
         },
     )
     .await;
-    let job = w
-        .app
-        .db
-        .pool
-        .clone();
+    let job = w.app.db.pool.clone();
     let queue = jobs::queue::Queue::new(job);
     let id = queue
-        .enqueue(&RefreshToken { tenant: w.tenant, account, force: true }, EnqueueOptions::default())
+        .enqueue(
+            &RefreshToken {
+                tenant: w.tenant,
+                account,
+                force: true,
+            },
+            EnqueueOptions::default(),
+        )
         .await
         .unwrap()
         .id;
     let ops = w.app.token(w.tenant, TestRole::Ops);
-    let job = w.app.wait_for_job(&ops, id.get(), &["dead"], Duration::from_secs(30)).await;
+    let job = w
+        .app
+        .wait_for_job(&ops, id.get(), &["dead"], Duration::from_secs(30))
+        .await;
     assert_eq!(job["attempts"], 1, "no retries: {job}");
-    assert!(job["last_error"].as_str().unwrap().contains("reconnect"), "{job}");
-    let (status, reason): (String, Option<String>) = sqlx::query_as(
-        "SELECT status, status_reason FROM helpdesk_email_accounts WHERE id = $1",
-    )
-    .bind(account.as_uuid())
-    .fetch_one(&w.app.db.pool)
-    .await
-    .unwrap();
+    assert!(
+        job["last_error"].as_str().unwrap().contains("reconnect"),
+        "{job}"
+    );
+    let (status, reason): (String, Option<String>) =
+        sqlx::query_as("SELECT status, status_reason FROM helpdesk_email_accounts WHERE id = $1")
+            .bind(account.as_uuid())
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
     assert_eq!(status, "needs_reauth");
     assert!(reason.unwrap().contains("70008"));
     // A later job does not go back to Microsoft: the account is known to need a reconnect.
     let again = queue
-        .enqueue(&RefreshToken { tenant: w.tenant, account, force: true }, EnqueueOptions::default())
+        .enqueue(
+            &RefreshToken {
+                tenant: w.tenant,
+                account,
+                force: true,
+            },
+            EnqueueOptions::default(),
+        )
         .await
         .unwrap()
         .id;
-    w.app.wait_for_job(&ops, again.get(), &["dead"], Duration::from_secs(30)).await;
-    assert_eq!(w.sim.stats().token_requests("refresh_token"), 1, "one refused refresh, no storm");
+    w.app
+        .wait_for_job(&ops, again.get(), &["dead"], Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        w.sim.stats().token_requests("refresh_token"),
+        1,
+        "one refused refresh, no storm"
+    );
     let audited: i64 =
         sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'account.needs_reauth'")
             .fetch_one(&w.app.db.pool)
@@ -363,7 +447,12 @@ async fn a_401_mid_call_refreshes_once_and_the_connection_test_passes() {
     let account = w.account().await;
     let services = w.services();
     let source = AccountTokenSource::new(services.clone(), w.tenant, account);
-    let before = source.access_token().await.unwrap().expose_secret().to_string();
+    let before = source
+        .access_token()
+        .await
+        .unwrap()
+        .expose_secret()
+        .to_string();
     w.sim.expire_access_tokens("helpdesk@contoso.example");
     let report = jobs::accounts::validate::validate_account(&services, w.tenant, account)
         .await
@@ -371,7 +460,12 @@ async fn a_401_mid_call_refreshes_once_and_the_connection_test_passes() {
     assert!(report.ok(), "{report:?}");
     assert!(report.can_send);
     assert_eq!(w.sim.stats().token_requests("refresh_token"), 1);
-    let after = source.access_token().await.unwrap().expose_secret().to_string();
+    let after = source
+        .access_token()
+        .await
+        .unwrap()
+        .expose_secret()
+        .to_string();
     assert_ne!(before, after, "the refreshed token was stored");
     let validated: Option<serde_json::Value> =
         sqlx::query_scalar("SELECT validation FROM helpdesk_email_accounts WHERE id = $1")

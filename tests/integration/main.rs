@@ -6,7 +6,7 @@ mod dashboard;
 mod foundation;
 mod graph_client;
 mod queue;
+mod scheduler;
 mod security;
 mod send;
-mod scheduler;
 mod sync;

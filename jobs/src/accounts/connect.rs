@@ -93,7 +93,10 @@ pub struct Connected {
 }
 
 /// Consumes `state` (single use, even when a later step fails) and returns its tenant.
-async fn consume_state(services: &Services, state: &str) -> Result<(TenantId, String, SecretString), ConnectError> {
+async fn consume_state(
+    services: &Services,
+    state: &str,
+) -> Result<(TenantId, String, SecretString), ConnectError> {
     let hash = state_hash(state);
     let row: Option<(uuid::Uuid, String, Vec<u8>, chrono::DateTime<Utc>)> = sqlx::query_as(
         "UPDATE oauth_states SET consumed_at = now()
@@ -117,7 +120,12 @@ async fn consume_state(services: &Services, state: &str) -> Result<(TenantId, St
 }
 
 /// The callback with `?error=…`: the state is still consumed so the link cannot be replayed.
-pub async fn fail_connect(services: &Services, state: Option<&str>, error: &str, description: Option<&str>) -> ConnectError {
+pub async fn fail_connect(
+    services: &Services,
+    state: Option<&str>,
+    error: &str,
+    description: Option<&str>,
+) -> ConnectError {
     if let Some(state) = state {
         let _ = consume_state(services, state).await;
     }
@@ -185,7 +193,12 @@ pub async fn complete_connect(
     .await?;
     let account = AccountId::from_uuid(account);
     super::tokens::store_tokens(&mut tx, &services.vault, tenant, account, &tokens).await?;
-    enqueue_in(&mut tx, &ValidateAccount { tenant, account }, EnqueueOptions::default()).await?;
+    enqueue_in(
+        &mut tx,
+        &ValidateAccount { tenant, account },
+        EnqueueOptions::default(),
+    )
+    .await?;
     enqueue_in(
         &mut tx,
         &SyncMailbox {
@@ -200,7 +213,11 @@ pub async fn complete_connect(
         &mut tx,
         Some(tenant),
         &subject,
-        if created { "account.connected" } else { "account.reconnected" },
+        if created {
+            "account.connected"
+        } else {
+            "account.reconnected"
+        },
         "account",
         &account.to_string(),
         serde_json::json!({ "email": address.as_str() }),
@@ -218,9 +235,11 @@ pub async fn complete_connect(
 /// Removes OAuth states older than `older_than` (the scheduler runs this; default 24 h).
 /// `pool` must be the system pool: states of every tenant are purged.
 pub async fn purge_states(pool: &sqlx::PgPool, older_than: TimeDelta) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query("DELETE FROM oauth_states WHERE created_at < now() - make_interval(secs => $1)")
-        .bind(older_than.num_seconds() as f64)
-        .execute(pool)
-        .await?;
+    let done = sqlx::query(
+        "DELETE FROM oauth_states WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than.num_seconds() as f64)
+    .execute(pool)
+    .await?;
     Ok(done.rows_affected())
 }

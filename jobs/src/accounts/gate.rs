@@ -39,9 +39,7 @@ impl PgMailboxGate {
 
     async fn spend_budget(&self) -> Result<(), GateError> {
         let now = Utc::now();
-        let window: DateTime<Utc> = now
-            .duration_trunc(TimeDelta::minutes(10))
-            .unwrap_or(now);
+        let window: DateTime<Utc> = now.duration_trunc(TimeDelta::minutes(10)).unwrap_or(now);
         let used: i32 = sqlx::query_scalar(
             "INSERT INTO graph_mailbox_budget (email_account_id, window_start, requests)
              VALUES ($1, $2, 1)

@@ -31,9 +31,12 @@ impl ValidationReport {
 
 fn has_scope(granted: &[String], wanted: &str) -> bool {
     // Granted scopes may come back fully qualified (https://graph.microsoft.com/Mail.Send).
-    granted
-        .iter()
-        .any(|g| g.eq_ignore_ascii_case(wanted) || g.rsplit('/').next().is_some_and(|s| s.eq_ignore_ascii_case(wanted)))
+    granted.iter().any(|g| {
+        g.eq_ignore_ascii_case(wanted)
+            || g.rsplit('/')
+                .next()
+                .is_some_and(|s| s.eq_ignore_ascii_case(wanted))
+    })
 }
 
 /// Runs the checks and stores the report on the account. A Graph failure that is not the
@@ -68,7 +71,9 @@ pub async fn validate_account(
         operation: "account store",
         message: e.to_string(),
     };
-    let mut tx = crate::db::tenant_tx(&services.pool, tenant).await.map_err(db_err)?;
+    let mut tx = crate::db::tenant_tx(&services.pool, tenant)
+        .await
+        .map_err(db_err)?;
     let stored: Option<(Option<String>, bool)> = sqlx::query_as(
         "SELECT granted_scopes, refresh_token_enc IS NOT NULL
          FROM helpdesk_email_accounts WHERE id = $1 AND tenant_id = $2",
