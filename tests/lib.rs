@@ -26,6 +26,10 @@ pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
 pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
 pub const CLIENT_SECRET: &str = "test-client-secret";
 
+/// The scopes graphdesk asks for in tests: the defaults plus shared-mailbox access.
+pub const TEST_SCOPES: &str =
+    "offline_access User.Read Mail.ReadWrite Mail.Send Mail.ReadWrite.Shared Mail.Send.Shared";
+
 /// One keyring for the whole test run, shared by the in-process api and worker processes.
 pub fn test_keyring() -> &'static str {
     static KEYRING: OnceLock<String> = OnceLock::new();
@@ -66,6 +70,7 @@ impl Endpoints {
             redirect_uri: self.redirect_uri.parse().expect("redirect uri"),
             authority: jobs::graph::TenantSegment::organizations(),
             keyring: SecretString::from(test_keyring()),
+            scopes: TEST_SCOPES.into(),
             mailbox_concurrency: 4,
             mailbox_budget_per_10_min: 10_000,
         }
@@ -93,6 +98,7 @@ impl Endpoints {
             ("OAUTH_CLIENT_SECRET".into(), CLIENT_SECRET.into()),
             ("OAUTH_AUTHORITY".into(), "organizations".into()),
             ("TOKEN_ENCRYPTION_KEYS".into(), test_keyring().into()),
+            ("OAUTH_SCOPES".into(), TEST_SCOPES.into()),
         ]
     }
 }

@@ -133,6 +133,7 @@ pub fn offline_state() -> anyhow::Result<AppState> {
         redirect_uri: "http://localhost/oauth/callback".parse()?,
         authority: jobs::graph::TenantSegment::organizations(),
         keyring: format!("k1:{}", jobs::vault::TokenVault::generate_key()).into(),
+        scopes: jobs::graph::DEFAULT_SCOPES.into(),
         mailbox_concurrency: 4,
         mailbox_budget_per_10_min: 10_000,
     };

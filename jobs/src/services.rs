@@ -22,6 +22,8 @@ pub struct IntegrationSettings {
     /// The authority segment: `organizations`, `common`, or a tenant GUID/domain.
     pub authority: TenantSegment,
     pub keyring: SecretString,
+    /// Delegated scopes requested at sign-in (space-separated).
+    pub scopes: String,
     /// Per-mailbox Graph limits, held across every process.
     pub mailbox_concurrency: u32,
     pub mailbox_budget_per_10_min: u32,
@@ -49,6 +51,7 @@ impl IntegrationSettings {
                 reason: e.to_string(),
             })?,
             keyring: SecretString::from(required("TOKEN_ENCRYPTION_KEYS")?),
+            scopes: env_opt("OAUTH_SCOPES").unwrap_or_else(|| crate::graph::DEFAULT_SCOPES.into()),
             mailbox_concurrency: env_parse("GRAPH_MAILBOX_CONCURRENCY", 4u32)?,
             mailbox_budget_per_10_min: env_parse("GRAPH_MAILBOX_BUDGET_PER_10_MIN", 10_000u32)?,
         })
@@ -94,7 +97,7 @@ impl Services {
                 name: "GRAPH_BASE_URL",
                 reason: e.to_string(),
             })?;
-        let identity = IdentityConfig::new(
+        let mut identity = IdentityConfig::new(
             &settings.identity_base_url,
             settings.client_id.clone(),
             settings.client_secret.clone(),
@@ -104,6 +107,7 @@ impl Services {
             name: "IDENTITY_BASE_URL",
             reason: e.to_string(),
         })?;
+        identity.scopes = settings.scopes.clone();
         let vault = TokenVault::from_keyring(settings.keyring.expose_secret()).map_err(|e| {
             ConfigError::Invalid {
                 name: "TOKEN_ENCRYPTION_KEYS",

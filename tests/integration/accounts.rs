@@ -498,3 +498,174 @@ async fn a_token_copied_into_another_row_does_not_decrypt() {
     let err = source.access_token().await.unwrap_err();
     assert!(err.to_string().contains("token store"), "{err}");
 }
+
+#[tokio::test]
+async fn an_admin_lists_folders_and_probes_shared_mailboxes() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    let t = w
+        .sim
+        .tenants()
+        .into_iter()
+        .find(|t| t.domain == "contoso.example")
+        .unwrap();
+    let team = w
+        .sim
+        .create_shared_mailbox(&t, "team@contoso.example", "Team");
+    w.sim
+        .grant_mailbox_access(&team, "helpdesk@contoso.example");
+    w.sim
+        .create_shared_mailbox(&t, "finance@contoso.example", "Finance");
+    let resp = w
+        .app
+        .client
+        .get(w.app.url(&format!(
+            "/api/v1/accounts/{account}/mailboxes?shared=team@contoso.example,finance@contoso.example,nobody@contoso.example"
+        )))
+        .bearer_auth(&w.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let folders: Vec<&str> = body["folders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(folders.contains(&"Inbox"), "{folders:?}");
+    let access: Vec<(&str, &str)> = body["shared"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["address"].as_str().unwrap(),
+                s["access"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        access,
+        vec![
+            ("team@contoso.example", "accessible"),
+            ("finance@contoso.example", "no_access"),
+            ("nobody@contoso.example", "no_mailbox"),
+        ]
+    );
+    // Agents may not, and a bad address is a clear 422.
+    let agent = w.app.token(w.tenant, TestRole::Agent);
+    let resp = w
+        .app
+        .client
+        .get(w.app.url(&format!("/api/v1/accounts/{account}/mailboxes")))
+        .bearer_auth(&agent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = w
+        .app
+        .client
+        .get(w.app.url(&format!(
+            "/api/v1/accounts/{account}/mailboxes?shared=not-an-address"
+        )))
+        .bearer_auth(&w.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+}
+
+#[tokio::test]
+async fn disconnecting_wipes_tokens_cancels_pending_jobs_and_is_audited() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    let resp = w
+        .app
+        .client
+        .delete(w.app.url(&format!("/api/v1/accounts/{account}")))
+        .bearer_auth(&w.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let (status, access, refresh): (String, Option<Vec<u8>>, Option<Vec<u8>>) = sqlx::query_as(
+        "SELECT status, access_token_enc, refresh_token_enc FROM helpdesk_email_accounts WHERE id = $1",
+    )
+    .bind(account.as_uuid())
+    .fetch_one(&w.app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), access, refresh), ("disabled", None, None));
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE status = 'pending'")
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        pending, 0,
+        "the connect-time validation and sync were cancelled"
+    );
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'account.disconnected'")
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited, 1);
+    // Another tenant's admin cannot disconnect it (nor learn it exists).
+    let stranger = w.app.token(TenantId::new(), TestRole::Admin);
+    let resp = w
+        .app
+        .client
+        .delete(w.app.url(&format!("/api/v1/accounts/{account}")))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test]
+async fn tokens_are_re_encrypted_under_a_new_key_and_the_old_key_can_then_leave() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    let before = AccountTokenSource::new(w.services(), w.tenant, account)
+        .access_token()
+        .await
+        .unwrap()
+        .expose_secret()
+        .to_string();
+    let old = graphdesk_tests::test_keyring();
+    let new_key = format!("rotated:{}", jobs::vault::TokenVault::generate_key());
+    let both = jobs::vault::TokenVault::from_keyring(&format!("{new_key},{old}")).unwrap();
+    let mut progress = 0;
+    let report = jobs::accounts::manage::reencrypt_all(&w.app.db.pool, &both, |_| progress += 1)
+        .await
+        .unwrap();
+    assert_eq!((report.rows_checked, report.rows_reencrypted), (1, 1));
+    assert!(progress >= 1, "progress was reported");
+    // Only the new key is needed now.
+    let only_new = jobs::vault::TokenVault::from_keyring(&new_key).unwrap();
+    let enc: Vec<u8> =
+        sqlx::query_scalar("SELECT access_token_enc FROM helpdesk_email_accounts WHERE id = $1")
+            .bind(account.as_uuid())
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    let after = only_new
+        .decrypt(
+            &AssociatedData::for_account(w.tenant, account, Column::AccessToken),
+            &enc,
+        )
+        .unwrap();
+    assert_eq!(after.expose_secret(), before);
+    let again = jobs::accounts::manage::reencrypt_all(&w.app.db.pool, &both, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(again.rows_reencrypted, 0, "nothing left under the old key");
+}

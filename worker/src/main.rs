@@ -35,6 +35,9 @@ enum Command {
         #[arg(long)]
         create_database: bool,
     },
+    /// Re-encrypt every stored token under the first key of TOKEN_ENCRYPTION_KEYS (run after
+    /// adding a new key in front; the old key may leave the ring once this reports 0).
+    ReencryptTokens,
     /// Create a tenant (customer organisation) and print its id.
     CreateTenant {
         #[arg(long)]
@@ -68,6 +71,26 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate { .. } => {
             jobs::db::migrate(&pool).await?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::ReencryptTokens => {
+            let keyring = jobs::config::env_opt("TOKEN_ENCRYPTION_KEYS")
+                .context("TOKEN_ENCRYPTION_KEYS is required")?;
+            let vault = jobs::vault::TokenVault::from_keyring(&keyring)
+                .context("TOKEN_ENCRYPTION_KEYS is invalid")?;
+            let report = jobs::accounts::manage::reencrypt_all(&pool, &vault, |r| {
+                println!(
+                    "checked {} accounts, re-encrypted {}",
+                    r.rows_checked, r.rows_reencrypted
+                );
+            })
+            .await?;
+            println!(
+                "done: {} accounts checked, {} re-encrypted under key {}",
+                report.rows_checked,
+                report.rows_reencrypted,
+                vault.current_key_id()
+            );
             Ok(())
         }
         Command::CreateTenant { name } => {

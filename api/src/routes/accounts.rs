@@ -1,7 +1,11 @@
 use jobs::ids::{AccountId, TenantId};
 use jobs::kinds::{RefreshToken, SyncMailbox, ValidateAccount};
 use jobs::queue::EnqueueOptions;
-use poem_openapi::{Object, OpenApi, param::Path, payload::Json};
+use poem_openapi::{
+    Object, OpenApi,
+    param::{Path, Query},
+    payload::Json,
+};
 use uuid::Uuid;
 
 use crate::AppState;
@@ -84,8 +88,141 @@ pub struct AccountView {
     pub validated_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+#[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
+pub struct FolderView {
+    pub id: String,
+    pub name: String,
+    pub total: Option<u32>,
+    pub unread: Option<u32>,
+}
+
+#[derive(Debug, Object)]
+pub struct SharedMailboxView {
+    pub address: String,
+    /// accessible, no_access (it exists but the user has no rights) or no_mailbox.
+    pub access: String,
+}
+
+#[derive(Debug, Object)]
+pub struct MailboxesView {
+    /// The account's own folders.
+    pub folders: Vec<FolderView>,
+    /// Each address asked about, probed as a shared mailbox.
+    pub shared: Vec<SharedMailboxView>,
+}
+
+#[derive(Debug, poem_openapi::ApiResponse)]
+pub enum Disconnected {
+    /// The mailbox is disconnected: tokens wiped, syncs stopped, pending jobs cancelled.
+    #[oai(status = 204)]
+    Done,
+}
+
+fn graph_api_error(e: &jobs::graph::GraphError) -> ApiError {
+    use jobs::graph::ErrorClass;
+    match e.class() {
+        ErrorClass::NeedsReauth => {
+            ApiError::conflict("the account must be reconnected before its mailboxes can be listed")
+        }
+        ErrorClass::Permanent => ApiError::unprocessable(format!("Microsoft refused: {e}")),
+        _ => {
+            tracing::warn!(error = %e, "Graph unavailable while listing mailboxes");
+            ApiError::Unavailable(crate::error::ErrorBody::new(
+                "graph_unavailable",
+                "Microsoft Graph is busy or unavailable; try again shortly",
+            ))
+        }
+    }
+}
+
 #[OpenApi(prefix_path = "/api/v1", tag = "ApiTags::Accounts")]
 impl AccountsApi {
+    /// The mailbox's folders, and for each address in `shared` (comma-separated, at most 20)
+    /// whether this account can open it as a shared mailbox (admin).
+    #[oai(path = "/accounts/:account_id/mailboxes", method = "get")]
+    async fn mailboxes(
+        &self,
+        auth: BearerAuth,
+        account_id: Path<String>,
+        shared: Query<Option<String>>,
+    ) -> ApiResult<Json<MailboxesView>> {
+        require_admin(&auth)?;
+        let account = self
+            .own_account(auth.0.tenant, parse_account(&account_id)?)
+            .await?;
+        let addresses: Vec<jobs::ids::EmailAddress> = shared
+            .0
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                jobs::ids::EmailAddress::parse(a)
+                    .map_err(|e| ApiError::unprocessable(format!("shared: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        if addresses.len() > 20 {
+            return Err(ApiError::unprocessable("shared: at most 20 addresses"));
+        }
+        let listing = jobs::accounts::manage::list_mailboxes(
+            &self.state.services,
+            auth.0.tenant,
+            account,
+            &addresses,
+        )
+        .await
+        .map_err(|e| graph_api_error(&e))?;
+        Ok(Json(MailboxesView {
+            folders: listing
+                .folders
+                .into_iter()
+                .map(|f| FolderView {
+                    id: f.id,
+                    name: f.name,
+                    total: f.total,
+                    unread: f.unread,
+                })
+                .collect(),
+            shared: listing
+                .shared
+                .into_iter()
+                .map(|p| SharedMailboxView {
+                    address: p.address.to_string(),
+                    access: serde_json::to_value(p.access)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    /// Disconnects a mailbox (admin): its tokens are wiped, it is no longer synced, its pending
+    /// jobs are cancelled, and the change is audited. Reconnect through /oauth/connect.
+    #[oai(path = "/accounts/:account_id", method = "delete")]
+    async fn disconnect(
+        &self,
+        auth: BearerAuth,
+        account_id: Path<String>,
+    ) -> ApiResult<Disconnected> {
+        require_admin(&auth)?;
+        let account = parse_account(&account_id)?;
+        if jobs::accounts::manage::disconnect(
+            &self.state.services,
+            auth.0.tenant,
+            account,
+            &auth.0.subject,
+        )
+        .await?
+        {
+            Ok(Disconnected::Done)
+        } else {
+            Err(ApiError::not_found("account"))
+        }
+    }
+
     /// A mailbox's status: connection, token expiry, last sync, errors, counts.
     #[oai(path = "/accounts/:account_id", method = "get")]
     async fn get(

@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod gate;
+pub mod manage;
 pub mod tokens;
 pub mod validate;
 
