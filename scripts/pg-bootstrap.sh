@@ -19,6 +19,11 @@ _gd_answers() { # url
 }
 
 _gd_bootstrap() {
+  # GRAPHDESK_PG_THROWAWAY=1 skips looking for a running server (to exercise step 3).
+  if [ "${GRAPHDESK_PG_THROWAWAY:-0}" = 1 ]; then
+    _gd_start_cluster
+    return
+  fi
   if [ -n "${DATABASE_URL:-}" ] && _gd_answers "$DATABASE_URL"; then
     _gd_log "using DATABASE_URL"
     return 0
@@ -29,6 +34,10 @@ _gd_bootstrap() {
     _gd_log "using the server on 127.0.0.1:5432"
     return 0
   fi
+  _gd_start_cluster
+}
+
+_gd_start_cluster() {
   local initdb
   initdb=$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1)
   if [ -z "$initdb" ]; then
