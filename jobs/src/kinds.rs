@@ -131,6 +131,9 @@ pub struct Probe {
     pub record: bool,
     #[serde(default)]
     pub marker: Option<String>,
+    /// Coalesce with other probes of the same key (at most one pending).
+    #[serde(default)]
+    pub coalesce: Option<String>,
 }
 
 impl JobKind for Probe {
@@ -142,6 +145,9 @@ impl JobKind for Probe {
     }
     fn tenant(&self) -> Option<TenantId> {
         self.tenant
+    }
+    fn coalesce_key(&self) -> Option<String> {
+        self.coalesce.as_ref().map(|k| format!("probe:{k}"))
     }
 }
 

@@ -306,20 +306,40 @@ impl WorkerRuntime {
 /// its own settings.
 pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
     let rows: Vec<(i64, String)> = sqlx::query_as(
-        "UPDATE queue_jobs j SET
-            status = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'pending' END,
-            finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+        "WITH expired AS (
+            SELECT id, queue, coalesce_key, attempts, max_attempts FROM queue_jobs
+            WHERE status = 'running' AND lease_expires_at < now()
+            ORDER BY lease_expires_at LIMIT 1000
+            FOR UPDATE SKIP LOCKED
+         ), decided AS (
+            -- A recovered job whose coalesce key already has a pending job (or that shares its
+            -- key with another recovered job) is superseded: at most one pending per key.
+            SELECT e.id,
+                   CASE WHEN e.attempts >= e.max_attempts THEN 'dead'
+                        WHEN e.coalesce_key IS NOT NULL AND (
+                             row_number() OVER (PARTITION BY e.queue, e.coalesce_key
+                                                ORDER BY e.id DESC) > 1
+                             OR EXISTS (SELECT 1 FROM queue_jobs p
+                                        WHERE p.queue = e.queue AND p.coalesce_key = e.coalesce_key
+                                          AND p.status = 'pending'))
+                        THEN 'cancelled'
+                        ELSE 'pending' END AS next
+            FROM expired e
+         )
+         UPDATE queue_jobs j SET
+            status = d.next,
+            finished_at = CASE WHEN d.next <> 'pending' THEN now() END,
             run_at = now(), locked_by = NULL, lease_expires_at = NULL, updated_at = now(),
             last_error = 'lease expired: the worker running attempt ' || j.attempts
-                         || ' stopped renewing it (crash, kill or lost connection)',
+                         || ' stopped renewing it (crash, kill or lost connection)'
+                         || CASE WHEN d.next = 'cancelled'
+                                 THEN '; superseded by a pending job with the same coalesce key'
+                                 ELSE '' END,
             errors = j.errors || jsonb_build_array(jsonb_build_object(
                 'attempt', j.attempts, 'at', now(), 'kind', 'lease_expired',
                 'error', 'lease expired (worker ' || coalesce(j.locked_by, '?') || ')'))
-         FROM (SELECT id FROM queue_jobs
-               WHERE status = 'running' AND lease_expires_at < now()
-               ORDER BY lease_expires_at LIMIT 1000
-               FOR UPDATE SKIP LOCKED) expired
-         WHERE j.id = expired.id
+         FROM decided d
+         WHERE j.id = d.id
          RETURNING j.id, j.queue",
     )
     .fetch_all(pool)
@@ -663,20 +683,40 @@ async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<i64>, QueueErr
         kinds.push(c.outcome.label());
     }
     sqlx::query_scalar(
-        "UPDATE queue_jobs j SET
-            status = c.status,
-            attempts = j.attempts - c.refund,
-            run_at = coalesce(c.run_at, j.run_at),
-            last_error = coalesce(c.error, j.last_error),
-            errors = CASE WHEN c.error IS NULL THEN j.errors
+        "WITH c AS (
+            SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[],
+                                 $5::timestamptz[], $6::text[], $7::text[])
+                   AS c(id, attempt, status, refund, run_at, error, kind)
+         ), decided AS (
+            -- Going back to pending must not break the one-pending-per-coalesce-key rule: a
+            -- newer pending job with the same key already covers this work, so this run is
+            -- superseded instead (and of two such runs in one batch, the newest goes back).
+            SELECT c.*,
+                   CASE WHEN c.status = 'pending' AND j.coalesce_key IS NOT NULL AND (
+                             row_number() OVER (PARTITION BY j.queue, j.coalesce_key,
+                                                c.status = 'pending' ORDER BY c.id DESC) > 1
+                             OR EXISTS (SELECT 1 FROM queue_jobs p
+                                        WHERE p.queue = j.queue AND p.coalesce_key = j.coalesce_key
+                                          AND p.status = 'pending' AND p.id <> j.id))
+                        THEN 'cancelled' ELSE c.status END AS next
+            FROM c JOIN queue_jobs j ON j.id = c.id
+            WHERE j.attempts = c.attempt AND j.status = 'running'
+         )
+         UPDATE queue_jobs j SET
+            status = d.next,
+            attempts = j.attempts - d.refund,
+            run_at = coalesce(d.run_at, j.run_at),
+            last_error = CASE WHEN d.next = 'cancelled'
+                              THEN coalesce(d.error || '; ', '')
+                                   || 'superseded by a pending job with the same coalesce key'
+                              ELSE coalesce(d.error, j.last_error) END,
+            errors = CASE WHEN d.error IS NULL THEN j.errors
                      ELSE j.errors || jsonb_build_array(jsonb_build_object(
-                        'attempt', j.attempts, 'at', now(), 'kind', c.kind, 'error', c.error)) END,
-            finished_at = CASE WHEN c.status IN ('done', 'dead') THEN now() END,
+                        'attempt', j.attempts, 'at', now(), 'kind', d.kind, 'error', d.error)) END,
+            finished_at = CASE WHEN d.next IN ('done', 'dead', 'cancelled') THEN now() END,
             locked_by = NULL, lease_expires_at = NULL, updated_at = now()
-         FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[], $5::timestamptz[],
-                     $6::text[], $7::text[])
-              AS c(id, attempt, status, refund, run_at, error, kind)
-         WHERE j.id = c.id AND j.attempts = c.attempt AND j.status = 'running'
+         FROM decided d
+         WHERE j.id = d.id AND j.attempts = d.attempt AND j.status = 'running'
          RETURNING j.id",
     )
     .bind(&ids)
