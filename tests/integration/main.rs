@@ -5,6 +5,7 @@ mod chaos;
 mod dashboard;
 mod foundation;
 mod graph_client;
+mod metrics_worker;
 mod queue;
 mod scheduler;
 mod security;

@@ -14,6 +14,8 @@ use jobs::queue::runtime::{JobContext, WorkerRuntime, unique_worker_id};
 use jobs::scheduler::{Scheduler, SchedulerSettings};
 use jobs::services::{IntegrationSettings, Services};
 
+mod metrics;
+
 #[derive(Parser)]
 #[command(name = "worker", about = "graphdesk job worker")]
 struct Cli {
@@ -110,14 +112,25 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { queues } => {
+            serve_metrics()?;
             let pools = role_pools(&settings).await?;
             run(settings, pools, queues).await
         }
         Command::Scheduler => {
+            serve_metrics()?;
             let pools = role_pools(&settings).await?;
             scheduler(settings, pools).await
         }
     }
+}
+
+/// Before any work starts, so nothing recorded is lost; a taken port fails start-up rather than
+/// leaving a replica that silently reports nothing.
+fn serve_metrics() -> anyhow::Result<()> {
+    if let Some(addr) = metrics::install_from_env()? {
+        tracing::info!(%addr, "serving Prometheus metrics");
+    }
+    Ok(())
 }
 
 /// Tenant work runs as the app role (Row Level Security applies); the queue, the scheduler

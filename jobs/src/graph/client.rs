@@ -442,6 +442,7 @@ impl GraphClient {
             let (status, headers, body) = match outcome {
                 Ok(parts) => parts,
                 Err((err, maybe_sent)) => {
+                    count_response(call.op, "transport", "");
                     let may_repeat = call.idempotent || !maybe_sent;
                     let delay = policy.backoff(attempt);
                     if may_repeat
@@ -464,6 +465,7 @@ impl GraphClient {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
             if status.is_success() {
+                count_response(call.op, status.as_str(), "");
                 debug!(
                     attempt,
                     status = status.as_u16(),
@@ -474,6 +476,10 @@ impl GraphClient {
             }
             let retry_after = headers.get(header::RETRY_AFTER).and_then(parse_retry_after);
             let err = GraphError::from_response(status, &body, request_id.clone(), retry_after);
+            count_response(call.op, status.as_str(), err.code().unwrap_or(""));
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                metrics::counter!("graphdesk_graph_throttled_total").increment(1);
+            }
 
             if matches!(err, GraphError::Unauthorized { .. }) && !refreshed {
                 refreshed = true;
@@ -1025,6 +1031,28 @@ impl DeltaRound {
             DeltaRoundState::Pending(_) => None,
         }
     }
+}
+
+/// Every HTTP exchange, retries included: the retries are what Microsoft counts against the
+/// mailbox. The error code comes from the response body, so only a plain identifier is kept as
+/// a label value; anything else would let a misbehaving server mint unbounded series.
+fn count_response(op: &'static str, status: &str, code: &str) {
+    let code = if code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        code.to_owned()
+    } else {
+        "other".to_owned()
+    };
+    metrics::counter!(
+        "graphdesk_graph_requests_total",
+        "op" => op,
+        "status" => status.to_owned(),
+        "code" => code
+    )
+    .increment(1);
 }
 
 fn prefer_header(extra: &[&str]) -> HeaderValue {

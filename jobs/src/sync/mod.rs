@@ -781,6 +781,12 @@ async fn ingest_page(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    // After the commit: a page that rolled back is fetched again and must not count twice.
+    let now = Utc::now();
+    for m in &writes.messages {
+        metrics::histogram!("graphdesk_email_to_ticket_seconds")
+            .record((now - m.parsed.input.received_at).as_seconds_f64().max(0.0));
+    }
     Ok(())
 }
 
