@@ -4,6 +4,7 @@ mod accounts;
 mod chaos;
 mod dashboard;
 mod foundation;
+mod gate;
 mod graph_client;
 mod metrics_worker;
 mod queue;

@@ -1,0 +1,218 @@
+//! The per-mailbox Graph gate across processes: two connection pools on one database stand for
+//! two worker processes, since the gate's only shared state is in PostgreSQL.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::{DurationRound, TimeDelta, Utc};
+use graph_sim::{FaultKind, FaultRule, InboundMail};
+use graphdesk_tests::{Endpoints, TestDb, connect_direct, spawn_sim};
+use jobs::accounts::gate::PgMailboxGate;
+use jobs::graph::{GateError, RequestGate};
+use jobs::ids::AccountId;
+use sqlx::PgPool;
+
+async fn two_processes(db: &TestDb) -> (PgPool, PgPool) {
+    let other = PgPool::connect(&db.url).await.expect("second pool");
+    (db.pool.clone(), other)
+}
+
+#[tokio::test]
+async fn forty_requests_from_two_processes_never_exceed_four_at_once() {
+    let db = TestDb::new().await;
+    let (a, b) = two_processes(&db).await;
+    let account = AccountId::new();
+    let holders = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let pool = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (holders, max) = (holders.clone(), max.clone());
+        tasks.push(tokio::spawn(async move {
+            let gate = PgMailboxGate::new(pool, account, 4, 10_000);
+            // The gate gives up after a few seconds of waiting so a job can be deferred; a
+            // loaded test machine may hit that, and it is not what this test measures.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            let permit = loop {
+                match gate.acquire().await {
+                    Ok(p) => break p,
+                    Err(GateError::Busy { .. }) if tokio::time::Instant::now() < deadline => {}
+                    Err(e) => panic!("acquire failed: {e}"),
+                }
+            };
+            let now = holders.fetch_add(1, Ordering::SeqCst) + 1;
+            max.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            holders.fetch_sub(1, Ordering::SeqCst);
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(
+        max.load(Ordering::SeqCst),
+        4,
+        "at most 4 holders, and the 4 slots were used"
+    );
+}
+
+#[tokio::test]
+async fn the_eleventh_request_of_a_ten_request_budget_is_refused_until_the_window_ends() {
+    let db = TestDb::new().await;
+    let (a, b) = two_processes(&db).await;
+    // A fresh account per try: if the run straddles a 10-minute boundary the budget resets
+    // mid-test, which says nothing about the gate; that try is discarded.
+    for _ in 0..2 {
+        let account = AccountId::new();
+        let window = |at: chrono::DateTime<Utc>| at.duration_trunc(TimeDelta::minutes(10)).unwrap();
+        let started = window(Utc::now());
+        let gate_a = PgMailboxGate::new(a.clone(), account, 4, 10);
+        let gate_b = PgMailboxGate::new(b.clone(), account, 4, 10);
+        for i in 0..10 {
+            let gate = if i % 2 == 0 { &gate_a } else { &gate_b };
+            let permit = gate
+                .acquire()
+                .await
+                .unwrap_or_else(|e| panic!("request {} within the budget: {e}", i + 1));
+            drop(permit);
+        }
+        let eleventh = gate_a.acquire().await;
+        if window(Utc::now()) != started {
+            continue;
+        }
+        match eleventh {
+            Err(GateError::Busy {
+                retry_after: Some(after),
+            }) => {
+                assert!(
+                    after > Duration::ZERO && after <= Duration::from_secs(600),
+                    "retry after {after:?}"
+                );
+            }
+            Err(e) => panic!("expected Busy with a retry_after, got {e}"),
+            Ok(_) => panic!("the 11th request was admitted"),
+        }
+        return;
+    }
+    panic!("two tries straddled a 10-minute boundary");
+}
+
+#[tokio::test]
+async fn a_holder_that_never_releases_loses_its_slot_when_the_lease_ends() {
+    let db = TestDb::new().await;
+    let (a, b) = two_processes(&db).await;
+    let account = AccountId::new();
+    let crashed = PgMailboxGate::new(a, account, 1, 10_000);
+    let survivor = PgMailboxGate::new(b.clone(), account, 1, 10_000);
+    // A process that dies mid-request never runs the permit's release.
+    std::mem::forget(crashed.acquire().await.expect("first acquire"));
+    match survivor.acquire().await {
+        Err(GateError::Busy { .. }) => {}
+        Err(e) => panic!("expected Busy while the slot is held, got {e}"),
+        Ok(_) => panic!("the only slot was handed out twice"),
+    }
+    let expired = sqlx::query(
+        "UPDATE graph_mailbox_slots SET expires_at = now() - interval '1 second'
+         WHERE email_account_id = $1 AND holder IS NOT NULL",
+    )
+    .bind(account.as_uuid())
+    .execute(&b)
+    .await
+    .expect("expire the lease");
+    assert_eq!(expired.rows_affected(), 1, "one slot was held");
+    let permit = survivor.acquire().await;
+    assert!(
+        permit.is_ok(),
+        "the expired slot comes back: {:?}",
+        permit.err()
+    );
+}
+
+#[tokio::test]
+async fn concurrent_syncs_and_validations_of_one_mailbox_stay_within_graphs_limit() {
+    const MAILBOX: &str = "support@northwind.example";
+    let db = TestDb::new().await;
+    let sim = spawn_sim("http://127.0.0.1:9/oauth/callback", |_| {}).await;
+    let t = sim.create_tenant("northwind.example", "Northwind");
+    sim.create_user(&t, MAILBOX, "Support");
+    let endpoints = Endpoints::sim(&sim, "http://127.0.0.1:9/oauth/callback");
+    // Two Services on separate pools: two worker processes.
+    let services = |n: u32| {
+        let options = (*db.pool.connect_options()).clone();
+        let app = jobs::db::lazy_pool_as(options.clone(), n, Some("graphdesk_app".into()));
+        let system = jobs::db::lazy_pool_as(options, n, Some("graphdesk_system".into()));
+        jobs::services::Services::new(app, &endpoints.integration())
+            .expect("services")
+            .with_system_pool(system)
+    };
+    let (one, two) = (services(8), services(8));
+    let tenant = db.create_tenant("Northwind").await;
+    let account = connect_direct(&one, &sim, tenant, MAILBOX).await;
+    for i in 0..25 {
+        sim.deliver(
+            MAILBOX,
+            InboundMail::new(format!("c{i}@example.org"), format!("Order {i}"))
+                .text("Where is it?"),
+        );
+        sim.deliver(
+            MAILBOX,
+            InboundMail::new(format!("d{i}@example.org"), format!("Old order {i}"))
+                .text("Never mind")
+                .into_folder("archive"),
+        );
+    }
+    // Every request is held a while, so requests of different jobs overlap at the mailbox.
+    sim.set_fault(FaultRule::new(FaultKind::Delay { millis: 40 }).mailbox(MAILBOX));
+
+    let mut work = Vec::new();
+    for (i, folder) in ["inbox", "archive", "sentitems"].into_iter().enumerate() {
+        let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+        work.push(tokio::spawn(async move {
+            jobs::sync::sync_folder(&s, tenant, account, folder)
+                .await
+                .map(|r| assert!(r.is_some(), "{folder}: no other sync of it runs"))
+                .map_err(|e| format!("sync {folder}: {e}"))
+        }));
+    }
+    for i in 0..8 {
+        let s = if i % 2 == 0 { one.clone() } else { two.clone() };
+        work.push(tokio::spawn(async move {
+            jobs::accounts::validate::validate_account(&s, tenant, account)
+                .await
+                .map(drop)
+                .map_err(|e| format!("validation {i}: {e}"))
+        }));
+    }
+    for w in work {
+        w.await.expect("task").expect("every job succeeds");
+    }
+
+    let tickets: i64 = sqlx::query_scalar("SELECT count(*) FROM helpdesk_tickets")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(tickets, 50, "both folders were synced");
+    let stats = sim.stats();
+    let peak = stats.max_concurrency_for(MAILBOX);
+    assert!(
+        peak <= 4,
+        "Graph saw {peak} requests at once on the mailbox"
+    );
+    assert!(
+        peak >= 2,
+        "the jobs did overlap at the mailbox (peak {peak})"
+    );
+    let throttled: Vec<_> = sim
+        .request_log()
+        .into_iter()
+        .filter(|e| e.status == 429 && e.error_code.as_deref() == Some("ApplicationThrottled"))
+        .collect();
+    assert!(
+        throttled.is_empty(),
+        "{} requests got MailboxConcurrency 429s: {:?}",
+        throttled.len(),
+        throttled.first()
+    );
+}
