@@ -3,9 +3,10 @@
 //! The send row is a state machine; every transition is a compare-and-set on the status, so a
 //! retry, or two executions at once, resume from what is recorded:
 //!
-//! - `queued` → `draft_created`: createReply on the ticket's latest inbound message, then store
-//!   the draft's (immutable) id and internetMessageId. A crash before storing leaves an orphan
-//!   draft that is never sent; the retry makes a new one.
+//! - `queued` → `draft_created`: createReply on the ticket's latest inbound message (a new
+//!   draft message when this mailbox holds none), then store the draft's (immutable) id and
+//!   internetMessageId. A crash before storing leaves an orphan draft that is never sent; the
+//!   retry makes a new one.
 //! - `draft_created` → `sent`: PATCH the draft (ticket token in the subject, recipients), then
 //!   look at the draft: gone or no longer a draft means an earlier execution already sent it;
 //!   otherwise send it. Graph refuses to send a non-draft, so two executions cannot both send.
@@ -22,7 +23,9 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::db::tenant_tx;
-use crate::graph::{ErrorClass, GraphClient, GraphError, MessagePatch, Recipient, ReplyContent};
+use crate::graph::{
+    ErrorClass, GraphClient, GraphError, ItemBody, MessagePatch, Recipient, ReplyContent,
+};
 use crate::ids::{
     AccountId, InternetMessageId, MessageId, MicrosoftMessageId, SendId, TenantId, TicketId,
 };
@@ -171,22 +174,32 @@ async fn create_draft(
     .fetch_optional(&mut *tenant_tx(pool, tenant).await.map_err(JobError::retry)?)
     .await
     .map_err(JobError::retry)?;
-    let Some(target) = target.and_then(|t| MicrosoftMessageId::try_from(t).ok()) else {
-        fail(
-            pool,
-            tenant,
-            send,
-            "queued",
-            "the ticket has no customer message in this mailbox to reply to",
-        )
-        .await
-        .map_err(JobError::retry)?;
-        return Ok(());
+    let created = match target.and_then(|t| MicrosoftMessageId::try_from(t).ok()) {
+        Some(target) => {
+            client
+                .create_reply(&target, &ReplyContent::Comment(row.body_html.clone()))
+                .await
+        }
+        // The customer's mail reached the tenant through another mailbox (or was deleted
+        // here): a new message instead. It is a draft with an id like a reply draft, so the
+        // steps after this one, and their exactly-once argument, stay the same; sendMail
+        // would return no id to check or find again.
+        None => {
+            client
+                .create_message(&MessagePatch {
+                    subject: Some(with_ticket_token(
+                        &format!("RE: {}", strip_reply_prefix(&row.subject)),
+                        TicketId::new(row.ticket_id),
+                    )),
+                    body: Some(ItemBody::html(row.body_html.clone())),
+                    to_recipients: Some(recipients(&row.to_recipients)),
+                    cc_recipients: Some(recipients(&row.cc_recipients)),
+                    ..MessagePatch::default()
+                })
+                .await
+        }
     };
-    let draft = match client
-        .create_reply(&target, &ReplyContent::Comment(row.body_html.clone()))
-        .await
-    {
+    let draft = match created {
         Ok(d) => d,
         Err(e) if e.class() == ErrorClass::Permanent => {
             fail(

@@ -11,4 +11,5 @@ mod queue;
 mod scheduler;
 mod security;
 mod send;
+mod send_new;
 mod sync;

@@ -823,6 +823,16 @@ impl GraphClient {
             .await
     }
 
+    /// `POST {mailbox}/messages` → a new draft in Drafts (201), for mail that answers no
+    /// message this mailbox holds. Unlike `sendMail` it returns the id, so the draft can be
+    /// sent and found again like a reply draft. Not repeated after an unknown outcome.
+    #[instrument(skip_all, fields(mailbox = %self.mailbox))]
+    pub async fn create_message(&self, message: &MessagePatch) -> Result<Message, GraphError> {
+        let url = self.mailbox_url(&["messages"]);
+        self.send_json("create_message", Method::POST, url, message, false)
+            .await
+    }
+
     /// `PATCH {mailbox}/messages/{id}` (body and subject only while it is a draft).
     #[instrument(skip_all, fields(mailbox = %self.mailbox))]
     pub async fn update_message(
