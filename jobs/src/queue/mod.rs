@@ -105,15 +105,37 @@ impl Queue {
         opts: EnqueueOptions,
     ) -> Result<Enqueued, QueueError> {
         let mut conn = self.pool.acquire().await.ctx("acquire")?;
-        enqueue_in(&mut conn, job, opts).await
+        let enqueued = insert_job(&mut conn, job, opts, false).await?;
+        if enqueued.created {
+            notify_after_commit::<J>(&mut conn).await?;
+        }
+        Ok(enqueued)
     }
 
     /// Enqueues many jobs of one kind in one statement (no idempotency keys); returns their ids
     /// in input order.
     pub async fn enqueue_batch<J: JobKind>(&self, jobs: &[J]) -> Result<Vec<JobId>, QueueError> {
         let mut conn = self.pool.acquire().await.ctx("acquire")?;
-        enqueue_batch_in(&mut conn, jobs).await
+        let ids = insert_batch(&mut conn, jobs, false).await?;
+        if !ids.is_empty() {
+            notify_after_commit::<J>(&mut conn).await?;
+        }
+        Ok(ids)
     }
+}
+
+/// Wakes the workers for an insert that has already committed on its own. Postgres commits
+/// notifying transactions one at a time (NOTIFY takes a database-wide lock held through the
+/// commit's WAL flush), so outside a caller's transaction the notification goes in a
+/// statement of its own, which writes nothing and so waits for no flush.
+async fn notify_after_commit<J: JobKind>(conn: &mut PgConnection) -> Result<(), QueueError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(NOTIFY_CHANNEL)
+        .bind(J::QUEUE)
+        .execute(&mut *conn)
+        .await
+        .ctx("notify")?;
+    Ok(())
 }
 
 /// [`Queue::enqueue_batch`] inside the caller's transaction: the jobs become visible, and the
@@ -121,6 +143,14 @@ impl Queue {
 pub async fn enqueue_batch_in<J: JobKind>(
     conn: &mut PgConnection,
     jobs: &[J],
+) -> Result<Vec<JobId>, QueueError> {
+    insert_batch(conn, jobs, true).await
+}
+
+async fn insert_batch<J: JobKind>(
+    conn: &mut PgConnection,
+    jobs: &[J],
+    notify: bool,
 ) -> Result<Vec<JobId>, QueueError> {
     let mut payloads = Vec::with_capacity(jobs.len());
     let mut tenants = Vec::with_capacity(jobs.len());
@@ -138,8 +168,8 @@ pub async fn enqueue_batch_in<J: JobKind>(
     if jobs.is_empty() {
         return Ok(Vec::new());
     }
-    // The notification rides in the same statement (Postgres sends it at commit and folds
-    // duplicates), so an enqueue outside a transaction is one round trip and one commit.
+    // Inside a caller's transaction the notification rides in the insert (Postgres sends it
+    // at commit and folds duplicates): one round trip fewer.
     let ids: Vec<i64> = sqlx::query_scalar(
         "WITH ins AS (
             INSERT INTO queue_jobs (queue, tenant_id, email_account_id, payload, max_attempts)
@@ -147,8 +177,8 @@ pub async fn enqueue_batch_in<J: JobKind>(
             FROM unnest($2::uuid[], $3::uuid[], $4::jsonb[]) WITH ORDINALITY AS u(t, a, p, ord)
             ORDER BY ord
             RETURNING id
-        ), woken AS (SELECT pg_notify($6, $1) AS n)
-        SELECT id FROM ins, woken ORDER BY id",
+        ), woken AS (SELECT pg_notify($6, $1) AS n WHERE $7)
+        SELECT id FROM ins LEFT JOIN woken ON true ORDER BY id",
     )
     .bind(J::QUEUE)
     .bind(&tenants)
@@ -156,6 +186,7 @@ pub async fn enqueue_batch_in<J: JobKind>(
     .bind(&payloads)
     .bind(J::MAX_ATTEMPTS)
     .bind(NOTIFY_CHANNEL)
+    .bind(notify)
     .fetch_all(&mut *conn)
     .await
     .ctx("enqueue_batch")?;
@@ -170,6 +201,15 @@ pub async fn enqueue_in<J: JobKind>(
     job: &J,
     opts: EnqueueOptions,
 ) -> Result<Enqueued, QueueError> {
+    insert_job(conn, job, opts, true).await
+}
+
+async fn insert_job<J: JobKind>(
+    conn: &mut PgConnection,
+    job: &J,
+    opts: EnqueueOptions,
+    notify: bool,
+) -> Result<Enqueued, QueueError> {
     let payload = serde_json::to_value(job).map_err(|source| QueueError::Encode {
         queue: J::QUEUE,
         source,
@@ -178,7 +218,8 @@ pub async fn enqueue_in<J: JobKind>(
     // A conflicting job can leave `pending` between our insert and our look-up (a worker
     // claimed it); then a new insert succeeds, so a few rounds always settle.
     for _ in 0..5 {
-        // The notification rides in the insert: one round trip, and none for a duplicate.
+        // Inside a caller's transaction the notification rides in the insert: one round trip,
+        // and none at all for a duplicate.
         let inserted: Option<i64> = sqlx::query_scalar(
             "WITH ins AS (
                 INSERT INTO queue_jobs
@@ -187,8 +228,8 @@ pub async fn enqueue_in<J: JobKind>(
                 VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), $8, $9)
                 ON CONFLICT DO NOTHING
                 RETURNING id
-             )
-             SELECT id FROM ins, LATERAL (SELECT pg_notify($10, $1)) woken",
+             ), woken AS (SELECT pg_notify($10, $1) AS n FROM ins WHERE $11)
+             SELECT id FROM ins LEFT JOIN woken ON true",
         )
         .bind(J::QUEUE)
         .bind(job.tenant().map(|t| t.as_uuid()))
@@ -200,6 +241,7 @@ pub async fn enqueue_in<J: JobKind>(
         .bind(opts.idempotency_key.as_deref())
         .bind(coalesce_key.as_deref())
         .bind(NOTIFY_CHANNEL)
+        .bind(notify)
         .fetch_optional(&mut *conn)
         .await
         .ctx("enqueue")?;
