@@ -696,17 +696,17 @@ async fn a_retry_whose_key_is_already_pending_is_superseded_and_other_completion
         .unwrap()
         .id;
     wait_status(&queue, first, "running", Duration::from_secs(20)).await;
+    // Hold the second one back until the first has failed, so both want to be pending. It is
+    // enqueued already deferred: a worker woken by the enqueue could claim it before a later
+    // UPDATE of run_at lands.
     let second = queue
-        .enqueue(&keyed(0, 0), EnqueueOptions::default())
+        .enqueue(
+            &keyed(0, 0),
+            EnqueueOptions::default().run_at(chrono::Utc::now() + chrono::Duration::seconds(4)),
+        )
         .await
         .unwrap();
     assert!(second.created);
-    // Hold the second one back until the first has failed, so both want to be pending.
-    sqlx::query("UPDATE queue_jobs SET run_at = now() + interval '4 seconds' WHERE id = $1")
-        .bind(second.id.get())
-        .execute(&db.pool)
-        .await
-        .unwrap();
     let other = queue
         .enqueue(
             &Probe {
