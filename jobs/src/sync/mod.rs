@@ -34,27 +34,17 @@ use crate::mail::threading::{
 use crate::services::Services;
 use lookup::PageLookup;
 
-/// Properties each delta page carries (the message fields of the contract, plus the internet
-/// headers threading needs: In-Reply-To, References, Auto-Submitted, ...).
-pub const SYNC_SELECT: &[&str] = &[
-    "id",
-    "internetMessageId",
-    "conversationId",
-    "subject",
-    "bodyPreview",
-    "body",
-    "from",
-    "sender",
-    "toRecipients",
-    "ccRecipients",
-    "replyTo",
-    "receivedDateTime",
-    "sentDateTime",
-    "hasAttachments",
-    "isDraft",
-    "parentFolderId",
-    "internetMessageHeaders",
-];
+/// Properties each delta page carries: the client's delta set plus the internet headers
+/// threading needs (In-Reply-To, References, Auto-Submitted, ...), so a page costs no
+/// per-message request.
+fn sync_select() -> Vec<String> {
+    crate::graph::client::DELTA_SELECT
+        .iter()
+        .copied()
+        .chain(["internetMessageHeaders"])
+        .map(str::to_string)
+        .collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -293,7 +283,7 @@ async fn delta_round(
     tx.commit().await?;
     let folder = folder_ref(&ctx.folder);
     let options = DeltaOptions {
-        select: SYNC_SELECT.iter().map(|s| (*s).to_string()).collect(),
+        select: sync_select(),
         max_page_size: Some(crate::config::env_parse("SYNC_PAGE_SIZE", 50u32).unwrap_or(50)),
         received_since: if delta_link.is_none() && next_link.is_none() {
             sync_since
@@ -350,22 +340,13 @@ async fn complete_partials(
         return Ok(changes);
     }
     let mut tx = crate::db::tenant_tx(pool, ctx.tenant).await?;
-    let known: Vec<String> = sqlx::query_scalar(
-        "SELECT microsoft_message_id FROM helpdesk_message_sightings
-         WHERE tenant_id = $1 AND email_account_id = $2 AND microsoft_message_id = ANY($3)",
-    )
-    .bind(ctx.tenant.as_uuid())
-    .bind(ctx.account.as_uuid())
-    .bind(&partial)
-    .fetch_all(&mut *tx)
-    .await?;
+    let known = known_sightings(&mut tx, ctx, &partial).await?;
     tx.commit().await?;
     let mut out = Vec::with_capacity(changes.len());
     for change in changes {
         match change {
             DeltaChange::Upsert(m)
-                if m.received_date_time.is_none()
-                    && !known.contains(&m.id.as_str().to_string()) =>
+                if m.received_date_time.is_none() && !known.contains(m.id.as_str()) =>
             {
                 match client.get_message(&m.id).await {
                     Ok(full) => out.push(DeltaChange::Upsert(full)),
@@ -407,17 +388,7 @@ async fn fetch_attachments(
     }
     let ids: Vec<String> = with.iter().map(|m| m.id.as_str().to_string()).collect();
     let mut tx = crate::db::tenant_tx(pool, ctx.tenant).await?;
-    let known: HashSet<String> = sqlx::query_scalar::<_, String>(
-        "SELECT microsoft_message_id FROM helpdesk_message_sightings
-         WHERE tenant_id = $1 AND email_account_id = $2 AND microsoft_message_id = ANY($3)",
-    )
-    .bind(ctx.tenant.as_uuid())
-    .bind(ctx.account.as_uuid())
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
+    let known = known_sightings(&mut tx, ctx, &ids).await?;
     tx.commit().await?;
     for m in with {
         if known.contains(m.id.as_str()) {
@@ -442,6 +413,25 @@ async fn fetch_attachments(
         }
     }
     Ok(out)
+}
+
+/// Which of these Graph ids this mailbox has already stored.
+async fn known_sightings(
+    conn: &mut PgConnection,
+    ctx: &IngestContext,
+    ids: &[String],
+) -> Result<HashSet<String>, sqlx::Error> {
+    Ok(sqlx::query_scalar::<_, String>(
+        "SELECT microsoft_message_id FROM helpdesk_message_sightings
+         WHERE tenant_id = $1 AND email_account_id = $2 AND microsoft_message_id = ANY($3)",
+    )
+    .bind(ctx.tenant.as_uuid())
+    .bind(ctx.account.as_uuid())
+    .bind(ids)
+    .fetch_all(conn)
+    .await?
+    .into_iter()
+    .collect())
 }
 
 struct IngestContext {
@@ -584,17 +574,7 @@ async fn ingest_page(
 
     // Dedupe: sightings of this mailbox, then messages seen in another mailbox of the tenant.
     let ms_ids: Vec<String> = upserts.iter().map(|m| m.id.as_str().to_string()).collect();
-    let seen: HashSet<String> = sqlx::query_scalar::<_, String>(
-        "SELECT microsoft_message_id FROM helpdesk_message_sightings
-         WHERE tenant_id = $1 AND email_account_id = $2 AND microsoft_message_id = ANY($3)",
-    )
-    .bind(ctx.tenant.as_uuid())
-    .bind(ctx.account.as_uuid())
-    .bind(&ms_ids)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
+    let seen = known_sightings(&mut tx, ctx, &ms_ids).await?;
     let mut fresh: Vec<Parsed> = Vec::new();
     let mut resighted: Vec<String> = Vec::new();
     for m in upserts {
