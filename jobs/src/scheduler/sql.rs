@@ -104,6 +104,11 @@ pub async fn enqueue_due_syncs(conn: &mut PgConnection) -> Result<u64, sqlx::Err
             WHERE a.status = 'active'
               AND now() - coalesce(a.last_sync_started_at, 'epoch'::timestamptz)
                   >= make_interval(secs => a.sync_interval_seconds)
+              -- Skip what is already pending (found through the coalesce index) instead of
+              -- building the row and letting the conflict discard it: idle ticks stay cheap.
+              AND NOT EXISTS (SELECT 1 FROM queue_jobs q
+                              WHERE q.queue = $1 AND q.status = 'pending'
+                                AND q.coalesce_key = 'sync:' || a.id::text || ':' || f.folder)
             ON CONFLICT DO NOTHING
             RETURNING 1)",
         SyncMailbox::QUEUE,
@@ -130,6 +135,9 @@ pub async fn enqueue_due_refreshes(
             FROM helpdesk_email_accounts a
             WHERE a.status = 'active' AND a.refresh_token_enc IS NOT NULL
               AND a.token_expires_at < now() + make_interval(secs => $4)
+              AND NOT EXISTS (SELECT 1 FROM queue_jobs q
+                              WHERE q.queue = $1 AND q.status = 'pending'
+                                AND q.coalesce_key = 'refresh:' || a.id::text)
             ON CONFLICT DO NOTHING
             RETURNING 1)",
         RefreshToken::QUEUE,
