@@ -172,6 +172,23 @@ pub fn build_app(state: AppState) -> impl Endpoint<Output = Response> {
 /// else by reading at most `max + 1` bytes of a chunked body.
 async fn limit_body<E: Endpoint>(next: E, mut req: Request, max: usize) -> poem::Result<Response> {
     let too_large = || poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE);
+    // PostgreSQL text cannot hold a NUL character; refuse it here with a clear 400 rather than
+    // let it surface as a database error.
+    let nul = || {
+        poem::Error::from_string(
+            "the request contains a NUL character, which no field accepts",
+            StatusCode::BAD_REQUEST,
+        )
+    };
+    let has_encoded_nul = |s: &str| s.to_ascii_lowercase().contains("%00");
+    // The OAuth callback stores none of its query (the state is hashed, the rest shown on its
+    // HTML page), and it answers in HTML, so it keeps its own error page for odd input.
+    let is_callback = req.uri().path() == "/oauth/callback";
+    if has_encoded_nul(req.uri().path())
+        || (!is_callback && req.uri().query().is_some_and(has_encoded_nul))
+    {
+        return Err(nul());
+    }
     if let Some(len) = req.headers().get(poem::http::header::CONTENT_LENGTH) {
         let len: usize = len
             .to_str()
@@ -181,10 +198,14 @@ async fn limit_body<E: Endpoint>(next: E, mut req: Request, max: usize) -> poem:
         if len > max {
             return Err(too_large());
         }
-    } else if req
+    }
+    let has_body = req
         .headers()
-        .contains_key(poem::http::header::TRANSFER_ENCODING)
-    {
+        .contains_key(poem::http::header::CONTENT_LENGTH)
+        || req
+            .headers()
+            .contains_key(poem::http::header::TRANSFER_ENCODING);
+    if has_body {
         use tokio::io::AsyncReadExt;
         let mut buf = Vec::new();
         req.take_body()
@@ -195,6 +216,10 @@ async fn limit_body<E: Endpoint>(next: E, mut req: Request, max: usize) -> poem:
             .map_err(|_| poem::Error::from_status(StatusCode::BAD_REQUEST))?;
         if buf.len() > max {
             return Err(too_large());
+        }
+        // A raw NUL, or JSON's escape for one.
+        if buf.contains(&0) || buf.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+            return Err(nul());
         }
         req.set_body(buf);
     }

@@ -686,7 +686,7 @@ async fn decrypt_tokens(
 async fn hostile_webhook_payloads_are_discarded_without_a_server_error() {
     let app = spawn_app().await;
     for body in [
-        json!({ "value": [{ "subscriptionId": "\u{0}", "clientState": "x", "tenantId": "t" }] }),
+        json!({ "value": [{ "subscriptionId": "\u{1}\u{7f}", "clientState": "x", "tenantId": "t" }] }),
         json!({ "value": [{ "subscriptionId": "a".repeat(5000), "clientState": "x" }] }),
         json!({ "value": [{ "subscriptionId": "unknown", "clientState": "x", "changeType": "created" }] }),
     ] {
@@ -706,4 +706,47 @@ async fn hostile_webhook_payloads_are_discarded_without_a_server_error() {
         .await
         .unwrap();
     assert_eq!(jobs, 0);
+}
+
+#[tokio::test]
+async fn a_nul_character_anywhere_in_a_request_is_a_clear_400() {
+    let app = spawn_app().await;
+    let tenant = app.db.create_tenant("t").await;
+    let (_, ticket) = seed(&app.db, tenant, "t").await;
+    let token = app.token(tenant, TestRole::Ops);
+    for path in ["/api/v1/jobs?error_contains=%00", "/api/v1/tickets?q=a%00b"] {
+        let resp = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert!(body["message"].as_str().unwrap().contains("NUL"), "{body}");
+    }
+    let resp = app
+        .client
+        .post(app.url(&format!("/api/v1/tickets/{ticket}/replies")))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "nul")
+        .json(&json!({ "body_html": "a\u{0}b" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = app
+        .client
+        .post(app.url("/graph/notifications"))
+        .json(&json!({ "value": [{ "subscriptionId": "\u{0}", "clientState": "x" }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let sends: i64 = sqlx::query_scalar("SELECT count(*) FROM helpdesk_outbound_sends")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(sends, 0);
 }
