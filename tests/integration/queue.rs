@@ -554,6 +554,53 @@ async fn a_per_tenant_override_beats_the_default() {
     assert_eq!(maxes, vec![(tenant.as_uuid(), 1)]);
 }
 
+/// A tenant with a deep backlog at the head of the queue must not hold back a tenant whose
+/// jobs arrive later: the claim skips tenants at their limit instead of stopping at them.
+#[tokio::test]
+async fn a_tenant_at_its_limit_does_not_block_the_tenants_behind_it() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let busy = db.create_tenant("deep-backlog").await;
+    let quiet = db.create_tenant("arrives-later").await;
+    let backlog: Vec<Probe> = (0..1000)
+        .map(|_| Probe {
+            tenant: Some(busy),
+            sleep_ms: 10,
+            ..Probe::default()
+        })
+        .collect();
+    queue.enqueue_batch(&backlog).await.unwrap();
+    let later: Vec<Probe> = (0..5)
+        .map(|_| Probe {
+            tenant: Some(quiet),
+            ..Probe::default()
+        })
+        .collect();
+    queue.enqueue_batch(&later).await.unwrap();
+    let _w = spawn_worker(&db, opts(|q| q.tenant_concurrency = Some(2))).await;
+    let done = |tenant: TenantId| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM queue_jobs WHERE status = 'done' AND tenant_id = $1",
+        )
+        .bind(tenant.as_uuid())
+        .fetch_one(&db.pool)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while done(quiet).await.unwrap() < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the later tenant's jobs never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let busy_done = done(busy).await.unwrap();
+    // At two at a time the backlog takes seconds; the later tenant must not wait for most of it.
+    assert!(
+        busy_done < 500,
+        "the later tenant only ran after {busy_done} of the backlog's 1000 jobs"
+    );
+}
+
 #[tokio::test]
 async fn ops_can_list_retry_cancel_and_purge() {
     let db = TestDb::new().await;

@@ -444,13 +444,14 @@ async fn claim(inner: &Inner, queue: &str, n: usize) -> Result<Vec<ClaimedRow>, 
         Some(default_limit) => {
             // One round trip: the function takes the lock and claims on a fresh snapshot
             // (migrations/20261125000020_queue_perf.sql explains why that keeps the limit
-            // exact).
+            // exact). Tenants at their limit are skipped in its scan, so twice the batch in
+            // candidates is enough to fill it.
             sqlx::query_as("SELECT * FROM queue_claim_limited($1, $2, $3, $4, $5, $6, $7)")
                 .bind(queue)
                 .bind(n as i32)
                 .bind(&*inner.worker_id)
                 .bind(lease)
-                .bind((n as i32 * 8).max(256))
+                .bind((n as i32 * 2).max(64))
                 .bind(default_limit as i32)
                 .bind(TENANT_CLAIM_LOCK)
                 .fetch_all(&inner.claim_pool)
@@ -558,7 +559,11 @@ async fn fetch_loop<J: JobKind>(
                 }
             }
         }
-        if got == 0 {
+        // With tenant limits a short claim means every tenant with work is at its limit:
+        // claiming again at once would take the odd slot freed meanwhile, one costly claim
+        // per few jobs. The next local flush (which frees slots) or enqueue wakes it instead.
+        let limited = inner.settings.tenant_concurrency.is_some();
+        if got == 0 || (limited && got < n) {
             tokio::select! {
                 () = wake.notified() => {}
                 () = tokio::time::sleep(inner.settings.poll_interval) => {}
@@ -669,6 +674,11 @@ async fn flush_with_retry(inner: &Inner, batch: Vec<Completion>) {
         }
     };
     let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
+    if applied.is_some() && inner.settings.tenant_concurrency.is_some() {
+        // Finished jobs free tenant slots: a fetcher that found every tenant at its limit is
+        // asleep and should claim again now, not at its next poll.
+        wake_all(inner);
+    }
     if let Some(applied) = applied
         && applied.len() < ids.len()
     {
