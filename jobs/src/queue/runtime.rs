@@ -697,7 +697,15 @@ async fn flush_with_retry(inner: &Inner, batch: Vec<Completion>) {
 }
 
 async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<i64>, QueueError> {
-    let n = batch.len();
+    // Nearly every completion is a plain success, which needs nothing decided (no error
+    // history, no coalesce check): those go through their own lean UPDATE, the rest through
+    // the full one, both in one statement so the batch stays one commit.
+    let (plain, eventful): (Vec<&Completion>, Vec<&Completion>) = batch
+        .iter()
+        .partition(|c| c.outcome == Outcome::Done && c.error.is_none());
+    let plain_ids: Vec<i64> = plain.iter().map(|c| c.id).collect();
+    let plain_attempts: Vec<i32> = plain.iter().map(|c| c.attempt).collect();
+    let n = eventful.len();
     let mut ids = Vec::with_capacity(n);
     let mut attempts = Vec::with_capacity(n);
     let mut statuses = Vec::with_capacity(n);
@@ -706,7 +714,7 @@ async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<i64>, QueueErr
     let mut errors: Vec<Option<String>> = Vec::with_capacity(n);
     let mut kinds = Vec::with_capacity(n);
     let mut ats = Vec::with_capacity(n);
-    for c in batch {
+    for c in eventful {
         ids.push(c.id);
         attempts.push(c.attempt);
         statuses.push(c.outcome.status());
@@ -717,7 +725,13 @@ async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<i64>, QueueErr
         ats.push(c.at);
     }
     sqlx::query_scalar(
-        "WITH c AS (
+        "WITH plain AS (
+            UPDATE queue_jobs j SET status = 'done', finished_at = now(),
+                locked_by = NULL, lease_expires_at = NULL, updated_at = now()
+            FROM unnest($9::bigint[], $10::int[]) AS c(id, attempt)
+            WHERE j.id = c.id AND j.attempts = c.attempt AND j.status = 'running'
+            RETURNING j.id
+         ), c AS (
             SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[],
                                  $5::timestamptz[], $6::text[], $7::text[], $8::timestamptz[])
                    AS c(id, attempt, status, refund, run_at, error, kind, at)
@@ -735,23 +749,25 @@ async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<i64>, QueueErr
                         THEN 'cancelled' ELSE c.status END AS next
             FROM c JOIN queue_jobs j ON j.id = c.id
             WHERE j.attempts = c.attempt AND j.status = 'running'
+         ), eventful AS (
+            UPDATE queue_jobs j SET
+                status = d.next,
+                attempts = j.attempts - d.refund,
+                run_at = coalesce(d.run_at, j.run_at),
+                last_error = CASE WHEN d.next = 'cancelled'
+                                  THEN coalesce(d.error || '; ', '')
+                                       || 'superseded by a pending job with the same coalesce key'
+                                  ELSE coalesce(d.error, j.last_error) END,
+                errors = CASE WHEN d.error IS NULL THEN j.errors
+                         ELSE j.errors || jsonb_build_array(jsonb_build_object(
+                            'attempt', j.attempts, 'at', d.at, 'kind', d.kind, 'error', d.error)) END,
+                finished_at = CASE WHEN d.next IN ('done', 'dead', 'cancelled') THEN now() END,
+                locked_by = NULL, lease_expires_at = NULL, updated_at = now()
+            FROM decided d
+            WHERE j.id = d.id AND j.attempts = d.attempt AND j.status = 'running'
+            RETURNING j.id
          )
-         UPDATE queue_jobs j SET
-            status = d.next,
-            attempts = j.attempts - d.refund,
-            run_at = coalesce(d.run_at, j.run_at),
-            last_error = CASE WHEN d.next = 'cancelled'
-                              THEN coalesce(d.error || '; ', '')
-                                   || 'superseded by a pending job with the same coalesce key'
-                              ELSE coalesce(d.error, j.last_error) END,
-            errors = CASE WHEN d.error IS NULL THEN j.errors
-                     ELSE j.errors || jsonb_build_array(jsonb_build_object(
-                        'attempt', j.attempts, 'at', d.at, 'kind', d.kind, 'error', d.error)) END,
-            finished_at = CASE WHEN d.next IN ('done', 'dead', 'cancelled') THEN now() END,
-            locked_by = NULL, lease_expires_at = NULL, updated_at = now()
-         FROM decided d
-         WHERE j.id = d.id AND j.attempts = d.attempt AND j.status = 'running'
-         RETURNING j.id",
+         SELECT id FROM plain UNION ALL SELECT id FROM eventful",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -761,6 +777,8 @@ async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<i64>, QueueErr
     .bind(&errors)
     .bind(&kinds)
     .bind(&ats)
+    .bind(&plain_ids)
+    .bind(&plain_attempts)
     .fetch_all(pool)
     .await
     .ctx("complete")
