@@ -1,8 +1,9 @@
 -- The limit-aware claim, rewritten for cost and fairness (same signature and lock as before).
 --
 -- Fairness: tenants already at their limit are filtered out of the candidate scan itself, so
--- a tenant with thousands of jobs at the head of the queue no longer hides the tenants behind
--- it; the candidates can then be few (the worker asks for about twice the batch).
+-- a tenant with a backlog at the head of the queue no longer hides the tenants behind it (up
+-- to a scan depth of 2,000 jobs, or ten times the candidates); the candidates can then be few
+-- (the worker asks for about twice the batch).
 --
 -- Cost: the running jobs are counted once per tenant, and the per-candidate check is one
 -- window pass over candidates and per-tenant counts (no join between two CTEs, which the
@@ -35,10 +36,15 @@ BEGIN
         LEFT JOIN tenants t ON t.id = b.tenant_id
         WHERE b.n >= coalesce(t.concurrency_limit, p_default_limit)
     ), candidates AS MATERIALIZED (
-        SELECT q.id, q.tenant_id, q.priority, q.run_at FROM queue_jobs q
-        WHERE q.queue = p_queue AND q.status = 'pending' AND q.run_at <= now()
-          AND (q.tenant_id IS NULL OR q.tenant_id <> ALL ((SELECT s.ids FROM saturated s)::uuid[]))
-        ORDER BY q.priority DESC, q.run_at, q.id
+        -- The scan is bounded: when nearly every tenant is at its limit (the steady state of
+        -- a busy cluster) an unbounded one would walk the whole backlog on every claim.
+        SELECT h.id, h.tenant_id, h.priority, h.run_at
+        FROM (SELECT q.id, q.tenant_id, q.priority, q.run_at FROM queue_jobs q
+              WHERE q.queue = p_queue AND q.status = 'pending' AND q.run_at <= now()
+              ORDER BY q.priority DESC, q.run_at, q.id
+              LIMIT greatest(p_candidates * 10, 2000)) h
+        WHERE h.tenant_id IS NULL OR h.tenant_id <> ALL ((SELECT s.ids FROM saturated s)::uuid[])
+        ORDER BY h.priority DESC, h.run_at, h.id
         LIMIT p_candidates
     ), ranked AS (
         -- Per tenant: its running count first, then its candidates in claim order; a
