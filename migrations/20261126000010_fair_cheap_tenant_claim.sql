@@ -71,10 +71,13 @@ BEGIN
     )
     -- Candidates are not row-locked: limited claims cannot race each other (the lock), and
     -- the status re-check on the latest row version skips a job anything else took meanwhile.
+    -- It is written with coalesce so it cannot match the partial indexes on pending jobs: after
+    -- an ANALYZE of an idle queue the planner would take those for empty and scan one as the
+    -- outer side of the join (jobs/src/queue/runtime.rs has the same note above `flush`).
     UPDATE queue_jobs j SET status = 'running', attempts = j.attempts + 1,
         locked_by = p_worker, locked_at = now(),
         lease_expires_at = now() + make_interval(secs => p_lease_secs), updated_at = now()
-    FROM picked p WHERE j.id = p.id AND j.status = 'pending'
+    FROM picked p WHERE j.id = p.id AND coalesce(j.status, '') = 'pending'
     RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.tenant_id;
 END
 $$;

@@ -774,3 +774,84 @@ async fn a_retry_whose_key_is_already_pending_is_superseded_and_other_completion
     wait_status(&queue, other, "done", Duration::from_secs(20)).await;
     wait_status(&queue, second.id, "done", Duration::from_secs(30)).await;
 }
+
+/// The statements that look up in-flight jobs by id must not scan the partial running-jobs
+/// indexes, whatever the statistics say. After an ANALYZE of an idle queue (no running jobs) the planner
+/// used to scan a partial running-jobs index as the outer side of a nested loop over the ids:
+/// a flush of 2,000 completions took seconds on a busy table.
+#[tokio::test]
+async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
+    use jobs::queue::runtime::{COMPLETE_JOBS, RELEASE_JOBS, RENEW_LEASES};
+    let db = TestDb::new().await;
+    // Statistics of a queue that has only finished work, as autovacuum would take them.
+    sqlx::query(
+        "INSERT INTO queue_jobs (queue, payload, max_attempts, status, attempts, finished_at)
+         SELECT 'graphdesk.probe', '{}', 5, 'done', 1, now() FROM generate_series(1, 20000)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE queue_jobs")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO queue_jobs (queue, payload, max_attempts, status, attempts, locked_by,
+                                 lease_expires_at)
+         SELECT 'graphdesk.probe', '{}', 5, 'running', 1, 'w', now() + interval '1 minute'
+         FROM generate_series(1, 3000)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM queue_jobs WHERE status = 'running' ORDER BY id LIMIT 2000",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let ones = vec![1_i32; ids.len()];
+    let none_i64: Vec<i64> = Vec::new();
+    let none_i32: Vec<i32> = Vec::new();
+    let none_text: Vec<String> = Vec::new();
+    let none_at: Vec<DateTime<Utc>> = Vec::new();
+    let plan = |sql: &str| format!("EXPLAIN {sql}");
+    let complete: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(plan(COMPLETE_JOBS)))
+        .bind(&none_i64)
+        .bind(&none_i32)
+        .bind(&none_text)
+        .bind(&none_i32)
+        .bind(&none_at)
+        .bind(&none_text)
+        .bind(&none_text)
+        .bind(&none_at)
+        .bind(&ids)
+        .bind(&ones)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let renew: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(plan(RENEW_LEASES)))
+        .bind(&ids)
+        .bind(30.0_f64)
+        .bind("w")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let release: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(plan(RELEASE_JOBS)))
+        .bind(&ids)
+        .bind(&ones)
+        .bind("w")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    for (name, lines) in [
+        ("complete", complete),
+        ("renew", renew),
+        ("release", release),
+    ] {
+        let text = lines.join("\n");
+        for partial in ["queue_jobs_lease_idx", "queue_jobs_running_idx"] {
+            assert!(!text.contains(partial), "{name} scans {partial}:\n{text}");
+        }
+    }
+}
