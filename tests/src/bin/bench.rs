@@ -8,6 +8,7 @@
 //! and the clock starts at its commit (which is also when the workers are notified), and stops
 //! when no job is pending or running. Insertion has its own rows (single and batched enqueue).
 
+use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -641,21 +642,56 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
     let raw_name =
         |batch: i64, n: usize| format!("raw SQL claim-{batch} loop, 8 clients, {n} jobs");
 
+    // Rounds interleave the baseline and every queue configuration, one sample each, so a
+    // change in the machine's load during the run (it is shared) lands on both sides of a
+    // ratio instead of on whichever scenario ran then.
+    let mut raw_samples: HashMap<(i64, usize), Vec<f64>> = HashMap::new();
+    let mut queue_samples: HashMap<(bool, usize, usize), Vec<f64>> = HashMap::new();
     if cli.wants("raw") || cli.wants("queue") {
         create_raw_table(&db.pool).await?;
-        for &n in &sizes {
-            for batch in [100, 10] {
-                let mut samples = Vec::new();
-                for _ in 0..cli.runs {
-                    samples.push(raw_claim_loop(&db.pool, n, batch).await?);
+        // The first loop on a fresh table runs cold (its first sample was the slowest in every
+        // run so far); one unrecorded loop warms the caches for both sides.
+        raw_claim_loop(&db.pool, cli.jobs, 100).await?;
+        for _ in 0..cli.runs {
+            for &n in &sizes {
+                for batch in [100, 10] {
+                    let sample = raw_claim_loop(&db.pool, n, batch).await?;
+                    raw_samples.entry((batch, n)).or_default().push(sample);
                 }
-                let against = (batch == 10).then(|| raw_name(100, n));
-                report.add_vs(raw_name(batch, n), "jobs/s", samples, against);
+            }
+            if !cli.wants("queue") {
+                continue;
+            }
+            for limits in [false, true] {
+                for &procs in &cli.processes {
+                    let env = worker_env(cli, limits)?;
+                    let mut workers = Vec::new();
+                    for _ in 0..procs {
+                        workers.push(Worker::spawn(db, &env).await?);
+                    }
+                    for &n in &sizes {
+                        let sample = queue_throughput(db, &tenants, n, 1).await?;
+                        queue_samples
+                            .entry((limits, procs, n))
+                            .or_default()
+                            .extend(sample);
+                    }
+                    for w in workers {
+                        w.stop().await;
+                    }
+                }
             }
         }
         sqlx::query("DROP TABLE bench_jobs")
             .execute(&db.pool)
             .await?;
+        for &n in &sizes {
+            for batch in [100, 10] {
+                let against = (batch == 10).then(|| raw_name(100, n));
+                let samples = raw_samples.remove(&(batch, n)).unwrap_or_default();
+                report.add_vs(raw_name(batch, n), "jobs/s", samples, against);
+            }
+        }
     }
 
     if cli.wants("queue") {
@@ -663,13 +699,10 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
         let mut limited: Vec<(usize, usize, Vec<f64>)> = Vec::new();
         for limits in [false, true] {
             for &procs in &cli.processes {
-                let env = worker_env(cli, limits)?;
-                let mut workers = Vec::new();
-                for _ in 0..procs {
-                    workers.push(Worker::spawn(db, &env).await?);
-                }
                 for &n in &sizes {
-                    let samples = queue_throughput(db, &tenants, n, cli.runs).await?;
+                    let samples = queue_samples
+                        .remove(&(limits, procs, n))
+                        .unwrap_or_default();
                     let name = queue_name(procs, n, limits);
                     let against = if limits {
                         queue_name(procs, n, false)
@@ -680,9 +713,6 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                     if limits {
                         limited.push((procs, n, samples));
                     }
-                }
-                for w in workers {
-                    w.stop().await;
                 }
             }
         }
