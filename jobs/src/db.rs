@@ -65,7 +65,7 @@ fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// A pool whose every connection acts as `role` (SET ROLE on connect).
+/// A pool whose every connection acts as `role` (as if by SET ROLE).
 pub async fn connect_as(
     url: &secrecy::SecretString,
     max_connections: u32,
@@ -82,28 +82,30 @@ pub async fn connect_as(
     .map_err(DbError::Connect)
 }
 
+/// Connection options that act as `role`. The role is a startup option rather than a `SET ROLE`
+/// after connecting, so it travels with the options: a pool built from a clone of them (the
+/// queue's claim pool) acts as the same role.
+fn acting_as(options: PgConnectOptions, role: Option<String>) -> PgConnectOptions {
+    match role {
+        Some(role) => options.options([("role", role)]),
+        None => options,
+    }
+}
+
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+}
+
 /// Like [`connect_as`] for a given role name (tests use it with explicit options).
 pub async fn pool_as(
     options: PgConnectOptions,
     max_connections: u32,
     role: Option<String>,
 ) -> Result<PgPool, sqlx::Error> {
-    let set_role = role.map(|r| format!("SET ROLE {}", quote_ident(&r)));
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .after_connect(move |conn, _meta| {
-            let set_role = set_role.clone();
-            Box::pin(async move {
-                if let Some(sql) = set_role {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(conn)
-                        .await?;
-                }
-                Ok(())
-            })
-        })
-        .connect_with(options)
+    pool_options(max_connections)
+        .connect_with(acting_as(options, role))
         .await
 }
 
@@ -114,22 +116,7 @@ pub fn lazy_pool_as(
     max_connections: u32,
     role: Option<String>,
 ) -> PgPool {
-    let set_role = role.map(|r| format!("SET ROLE {}", quote_ident(&r)));
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .after_connect(move |conn, _meta| {
-            let set_role = set_role.clone();
-            Box::pin(async move {
-                if let Some(sql) = set_role {
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(conn)
-                        .await?;
-                }
-                Ok(())
-            })
-        })
-        .connect_lazy_with(options)
+    pool_options(max_connections).connect_lazy_with(acting_as(options, role))
 }
 
 /// A transaction scoped to one tenant: Row Level Security shows and accepts only that

@@ -750,3 +750,31 @@ async fn a_nul_character_anywhere_in_a_request_is_a_clear_400() {
         .unwrap();
     assert_eq!(sends, 0);
 }
+
+/// A pool built from a role pool's connection options acts as the same role: the queue's claim
+/// pool is built that way (with its own commit setting), and must not fall back to the login
+/// user, which owns the tables and so is not subject to Row Level Security.
+#[tokio::test]
+async fn pools_derived_from_a_role_pool_keep_its_role() {
+    let db = TestDb::new().await;
+    let options = (*db.pool.connect_options()).clone();
+    let system = jobs::db::lazy_pool_as(options, 1, Some("graphdesk_system".into()));
+    let derived = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            (*system.connect_options())
+                .clone()
+                .options([("synchronous_commit", "off")]),
+        )
+        .await
+        .unwrap();
+    let (user, commit): (String, String) =
+        sqlx::query_as("SELECT current_user::text, current_setting('synchronous_commit')")
+            .fetch_one(&derived)
+            .await
+            .unwrap();
+    assert_eq!(
+        (user.as_str(), commit.as_str()),
+        ("graphdesk_system", "off")
+    );
+}
