@@ -601,6 +601,116 @@ async fn a_tenant_at_its_limit_does_not_block_the_tenants_behind_it() {
     );
 }
 
+/// The usual claim looks at a bounded head of the queue, so a backlog deeper than that scan,
+/// from one tenant at its limit, used to hide every tenant behind it until it drained at its
+/// limit's pace (here over two minutes). The periodic deep claim looks at each tenant.
+#[tokio::test]
+async fn a_backlog_deeper_than_the_claim_scan_does_not_hide_the_tenants_behind_it() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let busy = db.create_tenant("deeper-than-the-scan").await;
+    let quiet = db.create_tenant("arrives-later").await;
+    let backlog: Vec<Probe> = (0..3000)
+        .map(|_| Probe {
+            tenant: Some(busy),
+            sleep_ms: 50,
+            ..Probe::default()
+        })
+        .collect();
+    queue.enqueue_batch(&backlog).await.unwrap();
+    let later: Vec<Probe> = (0..3)
+        .map(|_| Probe {
+            tenant: Some(quiet),
+            ..Probe::default()
+        })
+        .collect();
+    queue.enqueue_batch(&later).await.unwrap();
+    let _w = spawn_worker(&db, opts(|q| q.tenant_concurrency = Some(1))).await;
+    let done = |tenant: TenantId| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM queue_jobs WHERE status = 'done' AND tenant_id = $1",
+        )
+        .bind(tenant.as_uuid())
+        .fetch_one(&db.pool)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while done(quiet).await.unwrap() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the later tenant's jobs did not run within 20 s (the backlog ran {} jobs)",
+            done(busy).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A tenant's limit bounds the jobs executing. A worker's own jobs whose handler returned but
+/// whose completion is not flushed yet are still `running` rows; the claim leaves them out of
+/// the count, but only by id and only while that worker still holds them, so a job already
+/// flushed (or another worker's) can never make room that is not there.
+#[tokio::test]
+async fn the_limited_claim_leaves_out_only_the_claimers_own_finished_jobs() {
+    let db = TestDb::new().await;
+    let tenant = db.create_tenant("limit-two").await;
+    sqlx::query("UPDATE tenants SET concurrency_limit = 2 WHERE id = $1")
+        .bind(tenant.as_uuid())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let insert = |status: &'static str, locked_by: Option<&'static str>| {
+        sqlx::query_scalar::<_, i64>(
+            "INSERT INTO queue_jobs (queue, tenant_id, payload, max_attempts, status, attempts,
+                                     locked_by, lease_expires_at)
+             VALUES ('graphdesk.probe', $1, '{}', 5, $2, 1, $3, now() + interval '1 minute')
+             RETURNING id",
+        )
+        .bind(tenant.as_uuid())
+        .bind(status)
+        .bind(locked_by)
+        .fetch_one(&db.pool)
+    };
+    let finished = insert("running", Some("w")).await.unwrap();
+    let _executing = insert("running", Some("w")).await.unwrap();
+    let flushed = insert("done", None).await.unwrap();
+    for _ in 0..3 {
+        insert("pending", None).await.unwrap();
+    }
+    let claim = |worker: &'static str, finished: Vec<i64>| {
+        let pool = db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let claimed: Vec<i64> = sqlx::query_scalar(
+                "SELECT id FROM queue_claim_limited('graphdesk.probe', 10, $1, 30, 64, 4, 1,
+                                                    $2, false, $3, 256)",
+            )
+            .bind(worker)
+            .bind(&finished)
+            .bind(uuid::Uuid::nil())
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+            tx.rollback().await.unwrap();
+            claimed.len()
+        }
+    };
+    assert_eq!(claim("w", vec![]).await, 0, "both slots are taken");
+    assert_eq!(
+        claim("w", vec![finished]).await,
+        1,
+        "the claimer's finished job frees its slot"
+    );
+    assert_eq!(
+        claim("w", vec![finished, flushed]).await,
+        1,
+        "a job already flushed frees nothing more"
+    );
+    assert_eq!(
+        claim("v", vec![finished]).await,
+        0,
+        "another worker's finished job still counts"
+    );
+}
+
 #[tokio::test]
 async fn ops_can_list_retry_cancel_and_purge() {
     let db = TestDb::new().await;

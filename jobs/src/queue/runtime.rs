@@ -38,6 +38,15 @@ use crate::ids::{JobId, TenantId};
 /// count each claim reads is exact across every process.
 const TENANT_CLAIM_LOCK: i64 = 0x6772_6170_6864_6b01;
 
+/// How often a process makes a deep limited claim (one that looks past the bounded head of the
+/// queue at every tenant with pending jobs): the longest a tenant can stay hidden behind
+/// another tenant's backlog.
+const DEEP_CLAIM_EVERY: Duration = Duration::from_millis(250);
+
+/// How many tenants one deep claim visits at most, from a random starting tenant: it holds the
+/// claim lock, so with thousands of tenants it covers them over several turns.
+const DEEP_CLAIM_TENANTS: i32 = 256;
+
 /// What a handler learns about the run it is part of.
 #[derive(Debug, Clone)]
 pub struct JobContext {
@@ -116,6 +125,7 @@ struct Completion {
 struct Inflight {
     attempt: i32,
     executing: bool,
+    tenant: Option<uuid::Uuid>,
 }
 
 struct Inner {
@@ -130,6 +140,10 @@ struct Inner {
     /// Handlers running now (the `executing` entries of `inflight`).
     executing: AtomicUsize,
     execution_drained: Notify,
+    /// A handler returned: with tenant limits its slot is free for a claim at once.
+    slot_freed: Notify,
+    /// When this process last made a deep limited claim.
+    last_deep_claim: Mutex<std::time::Instant>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Stops fetching; in-flight jobs go on.
     stop_fetching: CancellationToken,
@@ -191,6 +205,8 @@ impl WorkerRuntime {
             inflight: Mutex::new(HashMap::new()),
             executing: AtomicUsize::new(0),
             execution_drained: Notify::new(),
+            slot_freed: Notify::new(),
+            last_deep_claim: Mutex::new(std::time::Instant::now()),
             wakers: Mutex::new(HashMap::new()),
             stop_fetching: CancellationToken::new(),
             stop_background: CancellationToken::new(),
@@ -506,19 +522,52 @@ async fn claim(inner: &Inner, queue: &str, n: usize) -> Result<Vec<ClaimedRow>, 
             // One round trip: the function takes the lock and claims on a fresh snapshot
             // (migrations/20261125000020_queue_perf.sql explains why that keeps the limit
             // exact). Tenants at their limit are skipped in its scan, so twice the batch in
-            // candidates is enough to fill it.
-            sqlx::query_as("SELECT * FROM queue_claim_limited($1, $2, $3, $4, $5, $6, $7)")
-                .bind(queue)
-                .bind(n as i32)
-                .bind(&*inner.worker_id)
-                .bind(lease)
-                .bind((n as i32 * 2).max(64))
-                .bind(default_limit as i32)
-                .bind(TENANT_CLAIM_LOCK)
-                .fetch_all(&inner.claim_pool)
-                .await
-                .ctx("claim")
+            // candidates is enough to fill it. Our jobs whose handler has returned do not use
+            // a slot, though their completion may not be flushed yet: the function subtracts
+            // them (migrations/20261126000020_limited_claim_counts_execution.sql).
+            let finished = finished_unflushed(inner);
+            let deep = deep_claim_due(inner);
+            sqlx::query_as(
+                "SELECT * FROM queue_claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            )
+            .bind(queue)
+            .bind(n as i32)
+            .bind(&*inner.worker_id)
+            .bind(lease)
+            .bind((n as i32 * 2).max(64))
+            .bind(default_limit as i32)
+            .bind(TENANT_CLAIM_LOCK)
+            .bind(&finished)
+            .bind(deep)
+            .bind(uuid::Uuid::from_u128(rand::random()))
+            .bind(DEEP_CLAIM_TENANTS)
+            .fetch_all(&inner.claim_pool)
+            .await
+            .ctx("claim")
         }
+    }
+}
+
+/// This process's tenant jobs that have finished executing but may still be `running` in the
+/// table until the flusher writes their outcome.
+fn finished_unflushed(inner: &Inner) -> Vec<i64> {
+    inner
+        .inflight
+        .lock()
+        .expect("poisoned")
+        .iter()
+        .filter(|(_, job)| !job.executing && job.tenant.is_some())
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+fn deep_claim_due(inner: &Inner) -> bool {
+    let mut last = inner.last_deep_claim.lock().expect("poisoned");
+    if last.elapsed() >= DEEP_CLAIM_EVERY {
+        *last = std::time::Instant::now();
+        true
+    } else {
+        false
     }
 }
 
@@ -576,6 +625,7 @@ async fn fetch_loop<J: JobKind>(
                     Inflight {
                         attempt: row.attempts,
                         executing: true,
+                        tenant: row.tenant_id,
                     },
                 );
             }
@@ -621,12 +671,14 @@ async fn fetch_loop<J: JobKind>(
             }
         }
         // With tenant limits a short claim means every tenant with work is at its limit:
-        // claiming again at once would take the odd slot freed meanwhile, one costly claim
-        // per few jobs. The next local flush (which frees slots) or enqueue wakes it instead.
+        // claiming again at once would find the same. A slot frees when one of our handlers
+        // returns, when another process's completion lands (our flush wakes us, as does an
+        // enqueue) or, failing those, at the next poll.
         let limited = inner.settings.tenant_concurrency.is_some();
         if got == 0 || (limited && got < n) {
             tokio::select! {
                 () = wake.notified() => {}
+                () = inner.slot_freed.notified(), if limited => {}
                 () = tokio::time::sleep(inner.settings.poll_interval) => {}
                 () = inner.stop_fetching.cancelled() => break,
             }
@@ -1046,6 +1098,9 @@ impl<J: JobKind, H: JobHandler<J>> tower::Service<Task<J>> for JobService<J, H> 
                 finish_execution(&inner, id);
                 submit(&inner, completion);
                 permits.add_permits(1);
+                if inner.settings.tenant_concurrency.is_some() {
+                    inner.slot_freed.notify_waiters();
+                }
                 Ok(())
             }
             .instrument(span),

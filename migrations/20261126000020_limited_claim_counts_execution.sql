@@ -1,0 +1,157 @@
+-- The limit-aware claim, second revision: a tenant's limit bounds the jobs *executing*, and
+-- no tenant stays hidden behind another tenant's backlog.
+--
+-- 1. Jobs whose handler has returned but whose completion the worker has not yet flushed are
+--    still `running` in the table. They no longer use a slot (they make no Graph calls), but
+--    counting them made every slot wait for the next completion flush, an fsync, before it
+--    could be reused. The claiming worker passes the ids of its own jobs in that state; the
+--    claim does not count those that are still `running` and locked by that worker (a job
+--    reaped from a worker that lost its lease counts again; one already flushed is not running
+--    anyway). Other workers' finished jobs still count until they flush: that errs on the safe
+--    side.
+--
+-- 2. The head scan is bounded (it must stay cheap when most tenants are at their limit), so
+--    a tenant whose backlog fills the whole scan depth hid every tenant behind it until that
+--    backlog drained, at its own limit's pace. A deep claim (`p_deep`) finds each tenant with
+--    pending jobs by a skip scan of a per-tenant index and takes up to its limit from each, so
+--    nothing is hidden; the worker makes one every few hundred milliseconds. One deep claim
+--    visits a bounded number of tenants from a random starting point (it holds the lock).
+--
+-- The plan is pinned as in 20261126000010, and sorts are made a last resort too: a queue's
+-- statistics are usually stale (a fresh backlog looks empty), and the planner then served the
+-- skip scan and the per-tenant probes from the head index plus a sort, reading the whole
+-- backlog once per tenant (350 ms per deep claim). Each per-tenant query orders by tenant
+-- first, which only the per-tenant index returns without a sort. JIT is off: the penalty
+-- cost of a sort that cannot be avoided (the window) put every claim over the JIT threshold,
+-- and compiling the plan took 300 ms per call.
+CREATE INDEX queue_jobs_tenant_claim_idx ON queue_jobs (queue, tenant_id, priority DESC, run_at, id)
+    WHERE status = 'pending';
+
+DROP FUNCTION queue_claim_limited(text, integer, text, double precision, integer, integer, bigint);
+
+CREATE FUNCTION queue_claim_limited(
+    p_queue text, p_n integer, p_worker text, p_lease_secs double precision,
+    p_candidates integer, p_default_limit integer, p_lock bigint,
+    p_finished bigint[], p_deep boolean,
+    p_deep_from uuid, p_deep_tenants integer)
+RETURNS TABLE (id bigint, payload jsonb, attempts integer, max_attempts integer, tenant_id uuid)
+LANGUAGE plpgsql VOLATILE
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_bitmapscan = off
+SET enable_sort = off
+SET jit = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    -- Serialises limited claims so each reads running counts no other claim is changing; the
+    -- next statement's snapshot is taken after the lock is granted (see 20261125000020).
+    PERFORM pg_advisory_xact_lock(p_lock);
+    RETURN QUERY
+    WITH RECURSIVE busy AS MATERIALIZED (
+        SELECT x.tenant_id, sum(x.n) AS n
+        FROM (SELECT r.tenant_id, 1 AS n FROM queue_jobs r
+              WHERE r.status = 'running' AND r.tenant_id IS NOT NULL
+              UNION ALL
+              SELECT f.tenant_id, -1 FROM queue_jobs f
+              WHERE f.id = ANY (p_finished) AND f.locked_by = p_worker
+                AND coalesce(f.status, '') = 'running' AND f.tenant_id IS NOT NULL) x
+        GROUP BY x.tenant_id
+    ), saturated AS MATERIALIZED (
+        SELECT coalesce(array_agg(b.tenant_id), '{}') AS ids FROM busy b
+        LEFT JOIN tenants t ON t.id = b.tenant_id
+        WHERE b.n >= coalesce(t.concurrency_limit, p_default_limit)
+    ), upper_half(tenant_id, k) AS (
+        -- Deep claims only: the tenants with a pending job in this queue, one index descent
+        -- each (a skip scan), however long any one tenant's backlog is. At most
+        -- p_deep_tenants of them, from p_deep_from (the worker picks it at random) up to the
+        -- highest tenant id and then on from the lowest, so that with many tenants each deep
+        -- claim stays cheap and over several of them every tenant gets its turn.
+        (SELECT q.tenant_id, 1 FROM queue_jobs q
+         WHERE p_deep AND q.queue = p_queue AND q.status = 'pending' AND q.tenant_id >= p_deep_from
+         ORDER BY q.tenant_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT q.tenant_id FROM queue_jobs q
+                WHERE q.queue = p_queue AND q.status = 'pending' AND q.tenant_id > w.tenant_id
+                ORDER BY q.tenant_id LIMIT 1), w.k + 1
+        FROM upper_half w WHERE w.tenant_id IS NOT NULL AND w.k < p_deep_tenants
+    ), lower_half(tenant_id, k) AS (
+        (SELECT q.tenant_id, (SELECT count(u.tenant_id) FROM upper_half u) + 1 FROM queue_jobs q
+         WHERE p_deep AND q.queue = p_queue AND q.status = 'pending' AND q.tenant_id IS NOT NULL
+           AND q.tenant_id < p_deep_from
+           AND (SELECT count(u.tenant_id) FROM upper_half u) < p_deep_tenants
+         ORDER BY q.tenant_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT q.tenant_id FROM queue_jobs q
+                WHERE q.queue = p_queue AND q.status = 'pending' AND q.tenant_id > w.tenant_id
+                  AND q.tenant_id < p_deep_from
+                ORDER BY q.tenant_id LIMIT 1), w.k + 1
+        FROM lower_half w WHERE w.tenant_id IS NOT NULL AND w.k < p_deep_tenants
+    ), waiting AS (
+        SELECT u.tenant_id FROM upper_half u UNION ALL SELECT l.tenant_id FROM lower_half l
+    ), candidates AS MATERIALIZED (
+        -- The usual claim: the head of the queue, bounded, minus tenants at their limit.
+        (SELECT h.id, h.tenant_id, h.priority, h.run_at
+         FROM (SELECT q.id, q.tenant_id, q.priority, q.run_at FROM queue_jobs q
+               WHERE NOT p_deep AND q.queue = p_queue AND q.status = 'pending'
+                 AND q.run_at <= now()
+               ORDER BY q.priority DESC, q.run_at, q.id
+               LIMIT greatest(p_candidates * 10, 2000)) h
+         WHERE h.tenant_id IS NULL OR h.tenant_id <> ALL ((SELECT s.ids FROM saturated s)::uuid[])
+         ORDER BY h.priority DESC, h.run_at, h.id
+         LIMIT p_candidates)
+        UNION ALL
+        -- The deep claim: up to its limit from each tenant with room...
+        SELECT c.id, w.tenant_id, c.priority, c.run_at
+        FROM waiting w
+        LEFT JOIN tenants t ON t.id = w.tenant_id
+        CROSS JOIN LATERAL (
+            SELECT q.id, q.priority, q.run_at FROM queue_jobs q
+            -- A range, not `=`: with `=` the planner drops tenant_id from the ORDER BY as a
+            -- constant, and the head index needs no sort again.
+            WHERE q.queue = p_queue AND q.tenant_id >= w.tenant_id AND q.tenant_id <= w.tenant_id
+              AND q.status = 'pending' AND q.run_at <= now()
+            ORDER BY q.tenant_id, q.priority DESC, q.run_at, q.id
+            LIMIT coalesce(t.concurrency_limit, p_default_limit)) c
+        WHERE w.tenant_id IS NOT NULL
+          AND w.tenant_id <> ALL ((SELECT s.ids FROM saturated s)::uuid[])
+        UNION ALL
+        -- ...and jobs without a tenant, which no limit applies to.
+        (SELECT q.id, q.tenant_id, q.priority, q.run_at FROM queue_jobs q
+         WHERE p_deep AND q.queue = p_queue AND q.tenant_id IS NULL AND q.status = 'pending'
+           AND q.run_at <= now()
+         ORDER BY q.tenant_id, q.priority DESC, q.run_at, q.id
+         LIMIT p_n)
+    ), ranked AS (
+        -- Per tenant: its running count first, then its candidates in claim order; a
+        -- candidate fits while the running total up to it stays within the tenant's cap.
+        SELECT x.id, x.tenant_id, x.priority, x.run_at,
+               sum(x.weight) OVER (PARTITION BY x.tenant_id
+                                   ORDER BY x.id IS NOT NULL, x.priority DESC, x.run_at, x.id)
+                   AS used,
+               max(x.cap) OVER (PARTITION BY x.tenant_id) AS cap
+        FROM (SELECT c.id, c.tenant_id, 1::bigint AS weight, c.priority, c.run_at,
+                     NULL::integer AS cap
+              FROM candidates c
+              UNION ALL
+              SELECT NULL, b.tenant_id, b.n, NULL, NULL, NULL FROM busy b
+              UNION ALL
+              SELECT NULL, t.id, 0, NULL, NULL, t.concurrency_limit FROM tenants t
+              WHERE t.id = ANY (ARRAY(SELECT DISTINCT c.tenant_id FROM candidates c))) x
+    ), picked AS (
+        SELECT r.id FROM ranked r
+        WHERE r.id IS NOT NULL
+          AND (r.tenant_id IS NULL OR r.used <= coalesce(r.cap, p_default_limit))
+        ORDER BY r.priority DESC, r.run_at, r.id
+        LIMIT p_n
+    )
+    -- Candidates are not row-locked: limited claims cannot race each other (the lock), and
+    -- the status re-check on the latest row version skips a job anything else took meanwhile
+    -- (coalesce keeps the partial pending indexes out of this join: see 20261126000010).
+    UPDATE queue_jobs j SET status = 'running', attempts = j.attempts + 1,
+        locked_by = p_worker, locked_at = now(),
+        lease_expires_at = now() + make_interval(secs => p_lease_secs), updated_at = now()
+    FROM picked p WHERE j.id = p.id AND coalesce(j.status, '') = 'pending'
+    RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.tenant_id;
+END
+$$;
