@@ -14,7 +14,7 @@
 --    a tenant whose backlog fills the whole scan depth hid every tenant behind it until that
 --    backlog drained, at its own limit's pace. A deep claim (`p_deep`) finds each tenant with
 --    pending jobs by a skip scan of a per-tenant index and takes up to its limit from each, so
---    nothing is hidden; the worker makes one every few hundred milliseconds. One deep claim
+--    nothing is hidden; the worker makes one about once a second. One deep claim
 --    visits a bounded number of tenants from a random starting point (it holds the lock).
 --
 -- The plan is pinned as in 20261126000010, and sorts are made a last resort too: a queue's

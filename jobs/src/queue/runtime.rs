@@ -38,10 +38,10 @@ use crate::ids::{JobId, TenantId};
 /// count each claim reads is exact across every process.
 const TENANT_CLAIM_LOCK: i64 = 0x6772_6170_6864_6b01;
 
-/// How often a process makes a deep limited claim (one that looks past the bounded head of the
+/// How often each fetcher makes a deep limited claim (one that looks past the bounded head of the
 /// queue at every tenant with pending jobs): the longest a tenant can stay hidden behind
 /// another tenant's backlog.
-const DEEP_CLAIM_EVERY: Duration = Duration::from_millis(250);
+const DEEP_CLAIM_EVERY: Duration = Duration::from_secs(1);
 
 /// How many tenants one deep claim visits at most, from a random starting tenant: it holds the
 /// claim lock, so with thousands of tenants it covers them over several turns.
@@ -140,10 +140,6 @@ struct Inner {
     /// Handlers running now (the `executing` entries of `inflight`).
     executing: AtomicUsize,
     execution_drained: Notify,
-    /// A handler returned: with tenant limits its slot is free for a claim at once.
-    slot_freed: Notify,
-    /// When this process last made a deep limited claim.
-    last_deep_claim: Mutex<std::time::Instant>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Stops fetching; in-flight jobs go on.
     stop_fetching: CancellationToken,
@@ -205,8 +201,6 @@ impl WorkerRuntime {
             inflight: Mutex::new(HashMap::new()),
             executing: AtomicUsize::new(0),
             execution_drained: Notify::new(),
-            slot_freed: Notify::new(),
-            last_deep_claim: Mutex::new(std::time::Instant::now()),
             wakers: Mutex::new(HashMap::new()),
             stop_fetching: CancellationToken::new(),
             stop_background: CancellationToken::new(),
@@ -497,7 +491,14 @@ const CLAIM_SET: &str = "UPDATE queue_jobs j SET status = 'running', attempts = 
     FROM picked WHERE j.id = picked.id
     RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.tenant_id";
 
-async fn claim(inner: &Inner, queue: &str, n: usize) -> Result<Vec<ClaimedRow>, QueueError> {
+/// `deep`: with tenant limits, look at every tenant with pending jobs, not only at the head of
+/// the queue (see [`DEEP_CLAIM_EVERY`]).
+async fn claim(
+    inner: &Inner,
+    queue: &str,
+    n: usize,
+    deep: bool,
+) -> Result<Vec<ClaimedRow>, QueueError> {
     let lease = inner.settings.lease.as_secs_f64();
     match inner.settings.tenant_concurrency {
         None => {
@@ -526,7 +527,6 @@ async fn claim(inner: &Inner, queue: &str, n: usize) -> Result<Vec<ClaimedRow>, 
             // a slot, though their completion may not be flushed yet: the function subtracts
             // them (migrations/20261126000020_limited_claim_counts_execution.sql).
             let finished = finished_unflushed(inner);
-            let deep = deep_claim_due(inner);
             sqlx::query_as(
                 "SELECT * FROM queue_claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
@@ -561,16 +561,6 @@ fn finished_unflushed(inner: &Inner) -> Vec<i64> {
         .collect()
 }
 
-fn deep_claim_due(inner: &Inner) -> bool {
-    let mut last = inner.last_deep_claim.lock().expect("poisoned");
-    if last.elapsed() >= DEEP_CLAIM_EVERY {
-        *last = std::time::Instant::now();
-        true
-    } else {
-        false
-    }
-}
-
 async fn fetch_loop<J: JobKind>(
     inner: Arc<Inner>,
     permits: Arc<Semaphore>,
@@ -578,6 +568,8 @@ async fn fetch_loop<J: JobKind>(
     wake: Arc<Notify>,
 ) {
     let batch = inner.settings.batch_size.max(1);
+    let limited = inner.settings.tenant_concurrency.is_some();
+    let mut last_deep_claim = std::time::Instant::now();
     let mut failures = 0u32;
     loop {
         let first = tokio::select! {
@@ -595,7 +587,13 @@ async fn fetch_loop<J: JobKind>(
                 Err(_) => break,
             }
         }
-        let claimed = match claim(&inner, J::QUEUE, n).await {
+        // The timer is per fetcher: a process-wide one was mostly spent by the claims of
+        // other, empty queues, and a hidden tenant's jobs waited for the deep claim's turn.
+        let deep = limited && last_deep_claim.elapsed() >= DEEP_CLAIM_EVERY;
+        if deep {
+            last_deep_claim = std::time::Instant::now();
+        }
+        let claimed = match claim(&inner, J::QUEUE, n, deep).await {
             Ok(rows) => {
                 failures = 0;
                 rows
@@ -671,14 +669,13 @@ async fn fetch_loop<J: JobKind>(
             }
         }
         // With tenant limits a short claim means every tenant with work is at its limit:
-        // claiming again at once would find the same. A slot frees when one of our handlers
-        // returns, when another process's completion lands (our flush wakes us, as does an
-        // enqueue) or, failing those, at the next poll.
-        let limited = inner.settings.tenant_concurrency.is_some();
+        // claiming again at once would take the odd slot freed meanwhile, one costly claim
+        // per few jobs. The next local flush or an enqueue wakes it instead. (Waking as soon
+        // as one of our handlers returned, though that slot is free, measured slower with two
+        // processes: more claims, each with fewer jobs, queued on the claim lock.)
         if got == 0 || (limited && got < n) {
             tokio::select! {
                 () = wake.notified() => {}
-                () = inner.slot_freed.notified(), if limited => {}
                 () = tokio::time::sleep(inner.settings.poll_interval) => {}
                 () = inner.stop_fetching.cancelled() => break,
             }
@@ -1098,9 +1095,6 @@ impl<J: JobKind, H: JobHandler<J>> tower::Service<Task<J>> for JobService<J, H> 
                 finish_execution(&inner, id);
                 submit(&inner, completion);
                 permits.add_permits(1);
-                if inner.settings.tenant_concurrency.is_some() {
-                    inner.slot_freed.notify_waiters();
-                }
                 Ok(())
             }
             .instrument(span),
