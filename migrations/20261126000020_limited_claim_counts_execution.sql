@@ -27,6 +27,9 @@
 CREATE INDEX queue_jobs_tenant_claim_idx ON queue_jobs (queue, tenant_id, priority DESC, run_at, id)
     WHERE status = 'pending';
 
+-- Tenants with their own limit: the claim reads them on every call, and they are few.
+CREATE INDEX tenants_concurrency_override_idx ON tenants (id) WHERE concurrency_limit IS NOT NULL;
+
 DROP FUNCTION queue_claim_limited(text, integer, text, double precision, integer, integer, bigint);
 
 CREATE FUNCTION queue_claim_limited(
@@ -49,18 +52,23 @@ BEGIN
     PERFORM pg_advisory_xact_lock(p_lock);
     RETURN QUERY
     WITH RECURSIVE busy AS MATERIALIZED (
+        -- Per tenant, its load on the scale of the default limit: the jobs it is executing,
+        -- plus (default - its own limit) when it has an override. A tenant has room while its
+        -- load is below the default, so no candidate needs its own limit looked up.
         SELECT x.tenant_id, sum(x.n) AS n
         FROM (SELECT r.tenant_id, 1 AS n FROM queue_jobs r
               WHERE r.status = 'running' AND r.tenant_id IS NOT NULL
               UNION ALL
               SELECT f.tenant_id, -1 FROM queue_jobs f
               WHERE f.id = ANY (p_finished) AND f.locked_by = p_worker
-                AND coalesce(f.status, '') = 'running' AND f.tenant_id IS NOT NULL) x
+                AND coalesce(f.status, '') = 'running' AND f.tenant_id IS NOT NULL
+              UNION ALL
+              SELECT t.id, p_default_limit - t.concurrency_limit FROM tenants t
+              WHERE t.concurrency_limit IS NOT NULL) x
         GROUP BY x.tenant_id
     ), saturated AS MATERIALIZED (
         SELECT coalesce(array_agg(b.tenant_id), '{}') AS ids FROM busy b
-        LEFT JOIN tenants t ON t.id = b.tenant_id
-        WHERE b.n >= coalesce(t.concurrency_limit, p_default_limit)
+        WHERE b.n >= p_default_limit
     ), upper_half(tenant_id, k) AS (
         -- Deep claims only: the tenants with a pending job in this queue, one index descent
         -- each (a skip scan), however long any one tenant's backlog is. At most
@@ -123,25 +131,19 @@ BEGIN
          ORDER BY q.tenant_id, q.priority DESC, q.run_at, q.id
          LIMIT p_n)
     ), ranked AS (
-        -- Per tenant: its running count first, then its candidates in claim order; a
-        -- candidate fits while the running total up to it stays within the tenant's cap.
+        -- Per tenant: its load first, then its candidates in claim order; a candidate fits
+        -- while the running total up to it stays within the default limit.
         SELECT x.id, x.tenant_id, x.priority, x.run_at,
                sum(x.weight) OVER (PARTITION BY x.tenant_id
                                    ORDER BY x.id IS NOT NULL, x.priority DESC, x.run_at, x.id)
-                   AS used,
-               max(x.cap) OVER (PARTITION BY x.tenant_id) AS cap
-        FROM (SELECT c.id, c.tenant_id, 1::bigint AS weight, c.priority, c.run_at,
-                     NULL::integer AS cap
+                   AS used
+        FROM (SELECT c.id, c.tenant_id, 1::bigint AS weight, c.priority, c.run_at
               FROM candidates c
               UNION ALL
-              SELECT NULL, b.tenant_id, b.n, NULL, NULL, NULL FROM busy b
-              UNION ALL
-              SELECT NULL, t.id, 0, NULL, NULL, t.concurrency_limit FROM tenants t
-              WHERE t.id = ANY (ARRAY(SELECT DISTINCT c.tenant_id FROM candidates c))) x
+              SELECT NULL, b.tenant_id, b.n, NULL, NULL FROM busy b) x
     ), picked AS (
         SELECT r.id FROM ranked r
-        WHERE r.id IS NOT NULL
-          AND (r.tenant_id IS NULL OR r.used <= coalesce(r.cap, p_default_limit))
+        WHERE r.id IS NOT NULL AND (r.tenant_id IS NULL OR r.used <= p_default_limit)
         ORDER BY r.priority DESC, r.run_at, r.id
         LIMIT p_n
     )
