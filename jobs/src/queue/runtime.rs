@@ -125,7 +125,6 @@ struct Completion {
 struct Inflight {
     attempt: i32,
     executing: bool,
-    tenant: Option<uuid::Uuid>,
 }
 
 struct Inner {
@@ -523,12 +522,12 @@ async fn claim(
             // One round trip: the function takes the lock and claims on a fresh snapshot
             // (migrations/20261125000020_queue_perf.sql explains why that keeps the limit
             // exact). Tenants at their limit are skipped in its scan, so twice the batch in
-            // candidates is enough to fill it. Our jobs whose handler has returned do not use
-            // a slot, though their completion may not be flushed yet: the function subtracts
-            // them (migrations/20261126000020_limited_claim_counts_execution.sql).
-            let finished = finished_unflushed(inner);
+            // candidates is enough to fill it. A job counts until its completion is flushed,
+            // so `running` rows never exceed a limit, as ops see them in the table (counting
+            // only executing jobs measured no faster). Deep claims:
+            // migrations/20261126000020_limited_claim_without_starvation.sql.
             sqlx::query_as(
-                "SELECT * FROM queue_claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                "SELECT * FROM queue_claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(queue)
             .bind(n as i32)
@@ -537,7 +536,6 @@ async fn claim(
             .bind((n as i32 * 2).max(64))
             .bind(default_limit as i32)
             .bind(TENANT_CLAIM_LOCK)
-            .bind(&finished)
             .bind(deep)
             .bind(uuid::Uuid::from_u128(rand::random()))
             .bind(DEEP_CLAIM_TENANTS)
@@ -546,19 +544,6 @@ async fn claim(
             .ctx("claim")
         }
     }
-}
-
-/// This process's tenant jobs that have finished executing but may still be `running` in the
-/// table until the flusher writes their outcome.
-fn finished_unflushed(inner: &Inner) -> Vec<i64> {
-    inner
-        .inflight
-        .lock()
-        .expect("poisoned")
-        .iter()
-        .filter(|(_, job)| !job.executing && job.tenant.is_some())
-        .map(|(id, _)| *id)
-        .collect()
 }
 
 async fn fetch_loop<J: JobKind>(
@@ -623,7 +608,6 @@ async fn fetch_loop<J: JobKind>(
                     Inflight {
                         attempt: row.attempts,
                         executing: true,
-                        tenant: row.tenant_id,
                     },
                 );
             }

@@ -1,21 +1,12 @@
--- The limit-aware claim, second revision: a tenant's limit bounds the jobs *executing*, and
--- no tenant stays hidden behind another tenant's backlog.
+-- The limit-aware claim, second revision: no tenant stays hidden behind another tenant's
+-- backlog, and no candidate's limit is looked up.
 --
--- 1. Jobs whose handler has returned but whose completion the worker has not yet flushed are
---    still `running` in the table. They no longer use a slot (they make no Graph calls), but
---    counting them made every slot wait for the next completion flush, an fsync, before it
---    could be reused. The claiming worker passes the ids of its own jobs in that state; the
---    claim does not count those that are still `running` and locked by that worker (a job
---    reaped from a worker that lost its lease counts again; one already flushed is not running
---    anyway). Other workers' finished jobs still count until they flush: that errs on the safe
---    side.
---
--- 2. The head scan is bounded (it must stay cheap when most tenants are at their limit), so
---    a tenant whose backlog fills the whole scan depth hid every tenant behind it until that
---    backlog drained, at its own limit's pace. A deep claim (`p_deep`) finds each tenant with
---    pending jobs by a skip scan of a per-tenant index and takes up to its limit from each, so
---    nothing is hidden; the worker makes one about once a second. One deep claim
---    visits a bounded number of tenants from a random starting point (it holds the lock).
+-- The head scan is bounded (it must stay cheap when most tenants are at their limit), so a
+-- tenant whose backlog filled the whole scan depth hid every tenant behind it until that
+-- backlog drained, at its own limit's pace. A deep claim (`p_deep`) finds each tenant with
+-- pending jobs by a skip scan of a per-tenant index and takes up to its limit from each, so
+-- nothing is hidden; the worker makes one about once a second. One deep claim visits a
+-- bounded number of tenants from a random starting point (it holds the lock).
 --
 -- The plan is pinned as in 20261126000010, and sorts are made a last resort too: a queue's
 -- statistics are usually stale (a fresh backlog looks empty), and the planner then served the
@@ -35,7 +26,7 @@ DROP FUNCTION queue_claim_limited(text, integer, text, double precision, integer
 CREATE FUNCTION queue_claim_limited(
     p_queue text, p_n integer, p_worker text, p_lease_secs double precision,
     p_candidates integer, p_default_limit integer, p_lock bigint,
-    p_finished bigint[], p_deep boolean,
+    p_deep boolean,
     p_deep_from uuid, p_deep_tenants integer)
 RETURNS TABLE (id bigint, payload jsonb, attempts integer, max_attempts integer, tenant_id uuid)
 LANGUAGE plpgsql VOLATILE
@@ -52,16 +43,12 @@ BEGIN
     PERFORM pg_advisory_xact_lock(p_lock);
     RETURN QUERY
     WITH RECURSIVE busy AS MATERIALIZED (
-        -- Per tenant, its load on the scale of the default limit: the jobs it is executing,
-        -- plus (default - its own limit) when it has an override. A tenant has room while its
+        -- Per tenant, its load on the scale of the default limit: its running jobs, plus
+        -- (default - its own limit) when it has an override. A tenant has room while its
         -- load is below the default, so no candidate needs its own limit looked up.
         SELECT x.tenant_id, sum(x.n) AS n
         FROM (SELECT r.tenant_id, 1 AS n FROM queue_jobs r
               WHERE r.status = 'running' AND r.tenant_id IS NOT NULL
-              UNION ALL
-              SELECT f.tenant_id, -1 FROM queue_jobs f
-              WHERE f.id = ANY (p_finished) AND f.locked_by = p_worker
-                AND coalesce(f.status, '') = 'running' AND f.tenant_id IS NOT NULL
               UNION ALL
               SELECT t.id, p_default_limit - t.concurrency_limit FROM tenants t
               WHERE t.concurrency_limit IS NOT NULL) x
