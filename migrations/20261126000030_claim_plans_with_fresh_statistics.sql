@@ -6,6 +6,9 @@
 -- whole table (19,700 rows x 100). With `id = ANY(array)` it takes about 6 ms. The deep
 -- claim's skip scan, ordered by tenant alone, was served from the (tenant_id, status, queue)
 -- index on the same statistics; it now orders by the per-tenant pending index's whole key.
+-- Tenants at their limit are now skipped by `NOT IN (subquery)`, a hashed lookup, instead
+-- of `<> ALL (array)`, which compared every scanned job with every saturated tenant: at the
+-- SQL level (pgbench, same queue, candidate selection alone) 2.2-2.9 ms against 3.1-4.3 ms.
 -- Otherwise the function is 20261126000020's, restated because a function is replaced whole.
 CREATE OR REPLACE FUNCTION queue_claim_limited(
     p_queue text, p_n integer, p_worker text, p_lease_secs double precision,
@@ -37,9 +40,6 @@ BEGIN
               SELECT t.id, p_default_limit - t.concurrency_limit FROM tenants t
               WHERE t.concurrency_limit IS NOT NULL) x
         GROUP BY x.tenant_id
-    ), saturated AS MATERIALIZED (
-        SELECT coalesce(array_agg(b.tenant_id), '{}') AS ids FROM busy b
-        WHERE b.n >= p_default_limit
     ), upper_half(tenant_id, k) AS (
         -- Deep claims only: the tenants with a pending job in this queue, one index descent
         -- each (a skip scan), however long any one tenant's backlog is. At most
@@ -79,7 +79,10 @@ BEGIN
                  AND q.run_at <= now()
                ORDER BY q.priority DESC, q.run_at, q.id
                LIMIT greatest(p_candidates * 10, 2000)) h
-         WHERE h.tenant_id IS NULL OR h.tenant_id <> ALL ((SELECT s.ids FROM saturated s)::uuid[])
+         -- NOT IN over a subquery is a hashed lookup; `<> ALL (array)` compared each
+         -- scanned job with every saturated tenant (1,300 jobs x 75 tenants per claim).
+         WHERE h.tenant_id IS NULL
+            OR h.tenant_id NOT IN (SELECT b.tenant_id FROM busy b WHERE b.n >= p_default_limit)
          ORDER BY h.priority DESC, h.run_at, h.id
          LIMIT p_candidates)
         UNION ALL
@@ -96,7 +99,7 @@ BEGIN
             ORDER BY q.tenant_id, q.priority DESC, q.run_at, q.id
             LIMIT coalesce(t.concurrency_limit, p_default_limit)) c
         WHERE w.tenant_id IS NOT NULL
-          AND w.tenant_id <> ALL ((SELECT s.ids FROM saturated s)::uuid[])
+          AND w.tenant_id NOT IN (SELECT b.tenant_id FROM busy b WHERE b.n >= p_default_limit)
         UNION ALL
         -- ...and jobs without a tenant, which no limit applies to.
         (SELECT q.id, q.tenant_id, q.priority, q.run_at FROM queue_jobs q
