@@ -876,6 +876,58 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
     }
 }
 
+/// A lease renewal must never wait for a row another statement holds: the completion flush
+/// locks the same rows in its own order, and the two deadlocked under load (seen in the
+/// benchmark: Postgres broke it after a second, and completions stalled that long).
+#[tokio::test]
+async fn a_lease_renewal_skips_rows_another_statement_holds() {
+    use jobs::queue::runtime::RENEW_LEASES;
+    let db = TestDb::new().await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO queue_jobs (queue, payload, max_attempts, status, attempts, locked_by,
+                                 lease_expires_at)
+         SELECT 'graphdesk.probe', '{}', 5, 'running', 1, 'w', now() + interval '1 minute'
+         FROM generate_series(1, 2) RETURNING id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    // A flush (say) holds the first job's row.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM queue_jobs WHERE id = $1 FOR UPDATE")
+        .bind(ids[0])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut renewer = db.pool.acquire().await.unwrap();
+    sqlx::query("SET lock_timeout = '3s'")
+        .execute(&mut *renewer)
+        .await
+        .unwrap();
+    let renewed = sqlx::query(RENEW_LEASES)
+        .bind(&ids)
+        .bind(600.0_f64)
+        .bind("w")
+        .execute(&mut *renewer)
+        .await
+        .expect("the renewal waited for the held row");
+    assert_eq!(renewed.rows_affected(), 1);
+    holder.rollback().await.unwrap();
+    let extended: Vec<bool> = sqlx::query_scalar(
+        "SELECT lease_expires_at > now() + interval '5 minutes' FROM queue_jobs
+         WHERE id = ANY ($1) ORDER BY id",
+    )
+    .bind(&ids)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(extended, vec![false, true]);
+    sqlx::query("RESET lock_timeout")
+        .execute(&mut *renewer)
+        .await
+        .unwrap();
+}
+
 /// Claims must stay index lookups once the queue has fresh statistics, as autovacuum takes
 /// them on any real server. On an analyzed queue of 20,000 pending jobs over 100 tenants, 75
 /// of them at their limit, the limited claim joined its picked ids by a nested loop over a

@@ -448,11 +448,18 @@ pub const COMPLETE_JOBS: &str = "WITH plain AS (
          )
          SELECT id FROM plain UNION ALL SELECT id FROM eventful";
 
-/// Renews the leases of `$1` (ids) held by worker `$3` for `$2` seconds.
+/// Renews the leases of `$1` (ids) held by worker `$3` for `$2` seconds. A row another
+/// statement has locked is skipped, not waited for: that is a flush completing the job (or the
+/// reaper or an ops action taking it), and the next heartbeat renews it if that rolls back.
+/// Waiting deadlocked with the completion flush, which locks the same rows in another order:
+/// Postgres broke it after `deadlock_timeout` (1 s), and completions stalled that long.
 pub const RENEW_LEASES: &str =
     "UPDATE queue_jobs j SET lease_expires_at = now() + make_interval(secs => $2)
-             FROM unnest($1::bigint[]) AS r(id)
-             WHERE j.id = r.id AND coalesce(j.status, '') = 'running' AND j.locked_by = $3";
+             WHERE j.id = ANY (ARRAY(
+                 SELECT q.id FROM queue_jobs q
+                 WHERE q.id = ANY ($1::bigint[]) AND coalesce(q.status, '') = 'running'
+                   AND q.locked_by = $3
+                 FOR UPDATE SKIP LOCKED))";
 
 /// Hands `$1` (ids) at `$2` (attempts) held by worker `$3` back to pending, refunding the attempt.
 pub const RELEASE_JOBS: &str =
