@@ -795,6 +795,14 @@ async fn a_retry_whose_key_is_already_pending_is_superseded_and_other_completion
     wait_status(&queue, second.id, "done", Duration::from_secs(30)).await;
 }
 
+/// Statistics as autovacuum would take them of the queue as it stands.
+async fn vacuum_analyze_queue(db: &TestDb) {
+    sqlx::query("VACUUM ANALYZE queue_jobs")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
 /// The statements that look up in-flight jobs by id must not scan the partial running-jobs
 /// indexes, whatever the statistics say. After an ANALYZE of an idle queue (no running jobs) the planner
 /// used to scan a partial running-jobs index as the outer side of a nested loop over the ids:
@@ -811,10 +819,7 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::query("VACUUM ANALYZE queue_jobs")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    vacuum_analyze_queue(&db).await;
     sqlx::query(
         "INSERT INTO queue_jobs (queue, payload, max_attempts, status, attempts, locked_by,
                                  lease_expires_at)
@@ -966,10 +971,7 @@ async fn claims_stay_index_lookups_on_an_analyzed_busy_queue() {
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::query("VACUUM ANALYZE queue_jobs")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    vacuum_analyze_queue(&db).await;
 
     let limited = "SELECT count(*) FROM queue_claim_limited('graphdesk.probe', 200, 'w2', 30,
                        400, 4, 1, $1, '00000000-0000-0000-0000-000000000000', 256)";
