@@ -236,8 +236,13 @@ async fn two_replicas_never_lead_at_once_and_never_double_enqueue() {
         )
         .await;
     }
+    // A leads first, then stalls, so both must lead. Started together, B sometimes won the
+    // first tick, led throughout (it never stalls), and A never led: B now waits for A's
+    // first tick.
+    let a_ticked = std::sync::Arc::new(tokio::sync::Notify::new());
     let replica = |name: &'static str| {
         let url = db.url.clone();
+        let a_ticked = a_ticked.clone();
         async move {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
@@ -246,8 +251,14 @@ async fn two_replicas_never_lead_at_once_and_never_double_enqueue() {
                 .unwrap();
             let scheduler = Scheduler::new(pool, None, settings(), name);
             let mut reports: Vec<TickReport> = Vec::new();
+            if name == "replica-b" {
+                a_ticked.notified().await;
+            }
             for i in 0..30 {
                 reports.push(scheduler.run_tick().await.unwrap());
+                if name == "replica-a" && i == 0 {
+                    a_ticked.notify_one();
+                }
                 tokio::time::sleep(TICK).await;
                 if name == "replica-a" && i == 10 {
                     // A stall longer than the lease (a GC pause, a lost network): B must
