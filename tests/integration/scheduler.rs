@@ -922,12 +922,21 @@ async fn the_scheduler_process_subscribes_a_connected_inbox_and_new_mail_wakes_a
         InboundMail::new("customer@fabrikam.example", "Printer on fire"),
     );
     w.wait_for_pending_sync(Duration::from_secs(10)).await;
-    let delivered = w
-        .sim
-        .notifications()
-        .into_iter()
-        .filter(|n| n.subscription_id == sub.id && n.lifecycle_event.is_none())
-        .collect::<Vec<_>>();
+    // The simulator records a delivery's status once it has read the response, which can be
+    // after the webhook's enqueue is visible: wait for it rather than read it once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let delivered = loop {
+        let delivered = w
+            .sim
+            .notifications()
+            .into_iter()
+            .filter(|n| n.subscription_id == sub.id && n.lifecycle_event.is_none())
+            .collect::<Vec<_>>();
+        if delivered.iter().any(|n| n.status == Some(202)) || std::time::Instant::now() > deadline {
+            break delivered;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(
         delivered.iter().any(|n| n.status == Some(202)),
         "{delivered:?}"
