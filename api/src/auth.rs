@@ -225,7 +225,8 @@ impl JwtConfig {
 }
 
 /// `Authorization: Bearer <JWT>` on every endpoint but the OAuth callback, the Graph webhook
-/// and the health checks.
+/// and the health checks. (`/metrics` and the dashboard sit outside the OpenAPI routes and
+/// check the same tokens themselves.)
 #[derive(SecurityScheme)]
 #[oai(ty = "bearer", bearer_format = "JWT", checker = "check_bearer")]
 pub struct BearerAuth(pub Principal);

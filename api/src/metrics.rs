@@ -12,8 +12,9 @@ use std::sync::OnceLock;
 
 use jobs::queue::JobStatus;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use poem::http::{StatusCode, header};
 use poem::web::Data;
-use poem::{IntoResponse, Response, handler, http::StatusCode};
+use poem::{IntoResponse, Request, Response, handler};
 
 use crate::AppState;
 
@@ -42,8 +43,54 @@ pub fn endpoint() -> impl poem::Endpoint<Output = Response> {
 
 const ACCOUNT_STATUSES: [&str; 5] = ["pending", "active", "needs_reauth", "error", "disabled"];
 
+/// The gauges add up every tenant's queue and mailboxes, so a scrape needs what reads across
+/// tenants: a bearer token of the ops role (a scraper sends a long-lived one, minted with
+/// `api mint-token --role ops --hours N`).
+fn refuse_unless_ops(state: &AppState, req: &Request) -> Option<Response> {
+    let refuse = |status: StatusCode, why: String| {
+        let mut resp = Response::builder()
+            .status(status)
+            .content_type("text/plain; charset=utf-8");
+        if status == StatusCode::UNAUTHORIZED {
+            resp = resp.header(header::WWW_AUTHENTICATE, "Bearer");
+        }
+        Some(resp.body(format!("{why}\n")))
+    };
+    let Some(token) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+    else {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "metrics need `Authorization: Bearer <JWT>` with the ops role \
+             (mint one with `api mint-token --role ops`)"
+                .into(),
+        );
+    };
+    match state.jwt.verify(token) {
+        Err(msg) => refuse(
+            StatusCode::UNAUTHORIZED,
+            format!("that token was not accepted: {msg}"),
+        ),
+        Ok(p) if !p.is_ops() => refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "metrics cover every tenant and need the ops role; this token has {}",
+                p.role.as_str()
+            ),
+        ),
+        Ok(_) => None,
+    }
+}
+
 #[handler]
-pub async fn metrics(Data(state): Data<&AppState>) -> Response {
+pub async fn metrics(Data(state): Data<&AppState>, req: &Request) -> Response {
+    if let Some(refused) = refuse_unless_ops(state, req) {
+        return refused;
+    }
     match render(state).await {
         Ok(body) => body
             .with_content_type("text/plain; version=0.0.4; charset=utf-8")

@@ -860,6 +860,54 @@ fn counter(v: &prometheus_parse::Value) -> f64 {
 }
 
 #[tokio::test]
+async fn metrics_need_an_ops_token_because_they_add_up_every_tenant() {
+    let app = spawn_app().await;
+    let t = app.db.create_tenant("tenant").await;
+    let get = |token: Option<String>| {
+        let mut req = app.client.get(app.url("/metrics"));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let challenge = resp
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, challenge, resp.text().await.unwrap())
+        }
+    };
+
+    let (status, challenge, body) = get(None).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(challenge.as_deref(), Some("Bearer"));
+    assert!(
+        body.contains("ops role") && body.contains("mint-token"),
+        "{body}"
+    );
+    assert!(!body.contains("graphdesk_"), "no metric leaks: {body}");
+
+    let (status, _, body) = get(Some("not-a-jwt".into())).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("not accepted"), "{body}");
+
+    for role in [TestRole::Agent, TestRole::Admin] {
+        let (status, challenge, body) = get(Some(app.token(t, role))).await;
+        assert_eq!(status, 403, "{role:?}: {body}");
+        assert_eq!(challenge, None);
+        assert!(
+            body.contains(role.as_str()) && !body.contains("graphdesk_"),
+            "{body}"
+        );
+    }
+
+    let (status, _, body) = get(Some(app.token(t, TestRole::Ops))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("graphdesk_queue_depth"), "{body}");
+}
+
+#[tokio::test]
 async fn metrics_report_queue_accounts_and_ops_actions_in_prometheus_format() {
     let app = spawn_app().await;
     let pool = &app.db.pool;
@@ -899,7 +947,13 @@ async fn metrics_report_queue_accounts_and_ops_actions_in_prometheus_format() {
     let (s, _) = post(&app, &format!("/api/v1/jobs/{dead}/retry"), &ops, json!({})).await;
     assert_eq!(s, 200);
 
-    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
+    let resp = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(&ops)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(
         resp.headers()["content-type"]

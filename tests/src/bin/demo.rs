@@ -437,7 +437,7 @@ fn print_urls(api: &str, sim: &str, ops_token: &str, logs: &Path) {
         "  Dashboard:  {api}/dashboard   (log in at {api}/dashboard/login with the ops token)"
     );
     println!("  API docs:   {api}/docs");
-    println!("  Metrics:    {api}/metrics");
+    println!("  Metrics:    {api}/metrics   (curl -H \"Authorization: Bearer $OPS_TOKEN\" ...)");
     println!("  graph-sim:  {sim}/_sim/stats   (what Microsoft Graph saw)");
     println!("  Logs:       {}", logs.display());
     println!("  Ops token:  {ops_token}");
