@@ -74,6 +74,11 @@ pub struct Services {
     pub authority: TenantSegment,
     pub mailbox_concurrency: u32,
     pub mailbox_budget_per_10_min: u32,
+    /// Work that holds one of `pool`'s connections (a session lock) while it takes others
+    /// goes through this: at most half the pool at once, so the other half can always serve
+    /// the holders' statements. With every connection held by a sync waiting for a second
+    /// one, each waited out the pool's acquire timeout and failed, and no mail came in.
+    pub connection_holders: Arc<tokio::sync::Semaphore>,
 }
 
 impl Services {
@@ -114,6 +119,7 @@ impl Services {
                 reason: e.to_string(),
             }
         })?;
+        let pool_max_connections = pool.options().get_max_connections();
         Ok(Self {
             queue: Queue::new(pool.clone()),
             system_pool: pool.clone(),
@@ -125,6 +131,9 @@ impl Services {
             authority: settings.authority.clone(),
             mailbox_concurrency: settings.mailbox_concurrency,
             mailbox_budget_per_10_min: settings.mailbox_budget_per_10_min,
+            connection_holders: Arc::new(tokio::sync::Semaphore::new(
+                (pool_max_connections / 2).max(1) as usize,
+            )),
         })
     }
 }

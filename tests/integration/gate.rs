@@ -216,3 +216,53 @@ async fn concurrent_syncs_and_validations_of_one_mailbox_stay_within_graphs_limi
         throttled.first()
     );
 }
+
+#[tokio::test]
+async fn more_concurrent_syncs_than_the_pool_has_connections_all_complete() {
+    // A sync holds one connection for its folder lock and needs others for its pages. With
+    // a pool of two and six syncs at once, two syncs held both connections and each waited
+    // for a second one until the acquire timeout: every sync failed and no mail came in.
+    const SYNCS: usize = 6;
+    let db = TestDb::new().await;
+    let sim = spawn_sim("http://127.0.0.1:9/oauth/callback", |_| {}).await;
+    let endpoints = Endpoints::sim(&sim, "http://127.0.0.1:9/oauth/callback");
+    let options = (*db.pool.connect_options()).clone();
+    let app = jobs::db::lazy_pool_as(options.clone(), 2, Some("graphdesk_app".into()));
+    let system = jobs::db::lazy_pool_as(options, 2, Some("graphdesk_system".into()));
+    let services = jobs::services::Services::new(app, &endpoints.integration())
+        .expect("services")
+        .with_system_pool(system);
+    let tenant = db.create_tenant("Northwind").await;
+    let t = sim.create_tenant("northwind.example", "Northwind");
+    let mut accounts = Vec::new();
+    for i in 0..SYNCS {
+        let upn = format!("desk{i}@northwind.example");
+        sim.create_user(&t, &upn, "Desk");
+        accounts.push(connect_direct(&services, &sim, tenant, &upn).await);
+        sim.deliver(
+            &upn,
+            InboundMail::new(format!("c{i}@example.org"), format!("Order {i}")).text("Where?"),
+        );
+    }
+    // Graph answers slowly, so every sync is still holding its lock when the others start.
+    sim.set_fault(FaultRule::new(FaultKind::Delay { millis: 200 }));
+
+    let mut work = Vec::new();
+    for account in accounts {
+        let s = services.clone();
+        work.push(tokio::spawn(async move {
+            jobs::sync::sync_folder(&s, tenant, account, "inbox")
+                .await
+                .map_err(|e| format!("{e:#}"))
+        }));
+    }
+    for w in work {
+        let report = w.await.expect("task");
+        assert!(matches!(report, Ok(Some(_))), "{report:?}");
+    }
+    let tickets: i64 = sqlx::query_scalar("SELECT count(*) FROM helpdesk_tickets")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(tickets, SYNCS as i64);
+}

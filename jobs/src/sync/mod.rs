@@ -129,6 +129,11 @@ pub async fn sync_folder(
     // One sync per folder at a time, across every process: a session lock on a connection
     // held for the whole round.
     let key = lock_key(&format!("sync:{account}:{folder}"));
+    let _holding = services
+        .connection_holders
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
     let mut guard = services.pool.acquire().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(key)
