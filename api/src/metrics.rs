@@ -14,6 +14,8 @@ use jobs::queue::JobStatus;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use poem::http::{StatusCode, header};
 use poem::web::Data;
+use poem::web::headers::authorization::Bearer;
+use poem::web::headers::{Authorization, HeaderMapExt};
 use poem::{IntoResponse, Request, Response, handler};
 
 use crate::AppState;
@@ -56,13 +58,7 @@ fn refuse_unless_ops(state: &AppState, req: &Request) -> Option<Response> {
         }
         Some(resp.body(format!("{why}\n")))
     };
-    let Some(token) = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-    else {
+    let Some(Authorization(bearer)) = req.headers().typed_get::<Authorization<Bearer>>() else {
         return refuse(
             StatusCode::UNAUTHORIZED,
             "metrics need `Authorization: Bearer <JWT>` with the ops role \
@@ -70,7 +66,7 @@ fn refuse_unless_ops(state: &AppState, req: &Request) -> Option<Response> {
                 .into(),
         );
     };
-    match state.jwt.verify(token) {
+    match state.jwt.verify(bearer.token()) {
         Err(msg) => refuse(
             StatusCode::UNAUTHORIZED,
             format!("that token was not accepted: {msg}"),

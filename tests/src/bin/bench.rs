@@ -375,21 +375,24 @@ fn probes(n: usize, tenants: &[TenantId]) -> Vec<Probe> {
         .collect()
 }
 
-/// Inserts `jobs` in one transaction through the queue's own batch enqueue and returns the
-/// instant its commit (and so the workers' wake-up) began.
-async fn stage_jobs(pool: &PgPool, jobs: &[Probe]) -> anyhow::Result<Instant> {
-    stage_jobs_with(pool, jobs, false).await
+/// What the workers plan on. This benchmark's server runs no autovacuum, so most runs plan on
+/// a queue table never analyzed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Statistics {
+    NeverAnalyzed,
+    /// Taken with the backlog in place (ANALYZE counts the staging transaction's own inserts)
+    /// and landing with it, as autovacuum would take them on a server that runs it.
+    WithBacklog,
 }
 
-/// `analyze`: statistics of queue_jobs are taken with the backlog in place (ANALYZE counts the
-/// transaction's own inserts) and land with it, as autovacuum would take them on a server that
-/// runs it. This benchmark's server does not, so the plain runs plan on tables never analyzed.
-async fn stage_jobs_with(pool: &PgPool, jobs: &[Probe], analyze: bool) -> anyhow::Result<Instant> {
+/// Inserts `jobs` in one transaction through the queue's own batch enqueue and returns the
+/// instant its commit (and so the workers' wake-up) began.
+async fn stage_jobs(pool: &PgPool, jobs: &[Probe], stats: Statistics) -> anyhow::Result<Instant> {
     let mut tx = pool.begin().await?;
     for chunk in jobs.chunks(10_000) {
         enqueue_batch_in(&mut tx, chunk).await?;
     }
-    if analyze {
+    if stats == Statistics::WithBacklog {
         sqlx::query("ANALYZE queue_jobs").execute(&mut *tx).await?;
     }
     let start = Instant::now();
@@ -422,22 +425,13 @@ async fn queue_throughput(
     tenants: &[TenantId],
     n: usize,
     runs: usize,
-) -> anyhow::Result<Vec<f64>> {
-    queue_throughput_with(db, tenants, n, runs, false).await
-}
-
-async fn queue_throughput_with(
-    db: &BenchDb,
-    tenants: &[TenantId],
-    n: usize,
-    runs: usize,
-    analyze: bool,
+    stats: Statistics,
 ) -> anyhow::Result<Vec<f64>> {
     let mut samples = Vec::with_capacity(runs);
     for _ in 0..runs {
         reset_queue(&db.pool).await?;
         let jobs = probes(n, tenants);
-        let start = stage_jobs_with(&db.pool, &jobs, analyze).await?;
+        let start = stage_jobs(&db.pool, &jobs, stats).await?;
         let end = wait_drained(&db.pool, Duration::from_secs(600)).await?;
         let done: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE status = 'done'")
             .fetch_one(&db.pool)
@@ -608,7 +602,7 @@ async fn throughput_beside_finished(
     let mut samples = Vec::new();
     for _ in 0..runs {
         let jobs = probes(n, tenants);
-        let start = stage_jobs(&db.pool, &jobs).await?;
+        let start = stage_jobs(&db.pool, &jobs, Statistics::NeverAnalyzed).await?;
         let end = wait_drained(&db.pool, Duration::from_secs(600)).await?;
         samples.push(n as f64 / (end - start).as_secs_f64());
         sqlx::query("DELETE FROM queue_jobs WHERE queue = 'graphdesk.probe'")
@@ -693,7 +687,8 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                         workers.push(Worker::spawn(db, &env).await?);
                     }
                     for &n in &sizes {
-                        let sample = queue_throughput(db, &tenants, n, 1).await?;
+                        let sample =
+                            queue_throughput(db, &tenants, n, 1, Statistics::NeverAnalyzed).await?;
                         queue_samples
                             .entry((limits, procs, n))
                             .or_default()
@@ -745,7 +740,8 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
             ("DATABASE_MAX_CONNECTIONS".to_string(), "12".to_string()),
         ];
         let worker = Worker::spawn(db, &defaults).await?;
-        let samples = queue_throughput(db, &tenants, cli.jobs, cli.runs).await?;
+        let samples =
+            queue_throughput(db, &tenants, cli.jobs, cli.runs, Statistics::NeverAnalyzed).await?;
         worker.stop().await;
         report.add_vs(
             format!(
@@ -764,7 +760,9 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                 for _ in 0..procs {
                     workers.push(Worker::spawn(db, &worker_env(cli, limits)?).await?);
                 }
-                let samples = queue_throughput_with(db, &tenants, cli.jobs, cli.runs, true).await;
+                let samples =
+                    queue_throughput(db, &tenants, cli.jobs, cli.runs, Statistics::WithBacklog)
+                        .await;
                 for w in workers {
                     w.stop().await;
                 }
@@ -921,7 +919,7 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                     ..Probe::default()
                 })
                 .collect();
-            stage_jobs(&db.pool, &jobs).await?;
+            stage_jobs(&db.pool, &jobs, Statistics::NeverAnalyzed).await?;
             wait_drained(&db.pool, Duration::from_secs(120)).await?;
             peak.push(worker.peak_rss_mib()?);
             worker.stop().await;
