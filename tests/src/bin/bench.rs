@@ -7,6 +7,11 @@
 //! Throughput runs exclude insertion on both sides: the jobs are inserted in one transaction
 //! and the clock starts at its commit (which is also when the workers are notified), and stops
 //! when no job is pending or running. Insertion has its own rows (single and batched enqueue).
+//!
+//! Beside each throughput figure it reports where the CPU went per job: the PostgreSQL server
+//! (read from /proc when it runs on this host) and the client processes (the raw loop's own
+//! process, or the workers), so a gap to the raw loop can be told apart as more database work,
+//! more client work on the shared cores, or cores left idle.
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -18,7 +23,7 @@ use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use jobs::ids::TenantId;
 use jobs::kinds::Probe;
-use jobs::queue::{EnqueueOptions, Queue, enqueue_batch_in};
+use jobs::queue::{EnqueueOptions, JobKind, Queue, enqueue_batch_in};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -116,6 +121,20 @@ impl Report {
             row.samples.iter().map(|s| fmt_num(*s)).collect::<Vec<_>>()
         );
         self.rows.push(row);
+    }
+
+    /// A CPU-per-job row; skipped when the measure is unavailable (Postgres not on this host).
+    fn add_cpu(
+        &mut self,
+        name: &str,
+        samples: &[Throughput],
+        measure: impl Fn(&CpuPerJob) -> Option<f64>,
+        against: Option<String>,
+    ) {
+        let values: Option<Vec<f64>> = samples.iter().map(|t| measure(&t.cpu)).collect();
+        if let Some(values) = values.filter(|v| !v.is_empty()) {
+            self.add_vs(name, "µs", values, against);
+        }
     }
 
     fn median_of(&self, name: &str) -> Option<f64> {
@@ -401,12 +420,20 @@ async fn stage_jobs(pool: &PgPool, jobs: &[Probe], stats: Statistics) -> anyhow:
 }
 
 /// Waits until nothing is pending or running; returns when that was first seen.
+///
+/// The poll runs every 2 ms inside the measured window, on the cores the workers and Postgres
+/// share, so it must stay an index probe: `status IN ('pending', 'running')` matches no
+/// partial index and was a sequential scan through every finished job and dead row version
+/// (1-3 ms per poll by the end of a 20,000-job run, far more beside 1,000,000 finished jobs),
+/// a cost the raw loop, which needs no poll, never paid.
 async fn wait_drained(pool: &PgPool, within: Duration) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + within;
     loop {
         let busy: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM queue_jobs WHERE status IN ('pending', 'running'))",
+            "SELECT EXISTS (SELECT 1 FROM queue_jobs WHERE queue = $1 AND status = 'pending')
+                 OR EXISTS (SELECT 1 FROM queue_jobs WHERE status = 'running')",
         )
+        .bind(Probe::QUEUE)
         .fetch_one(pool)
         .await?;
         if !busy {
@@ -426,20 +453,126 @@ async fn queue_throughput(
     n: usize,
     runs: usize,
     stats: Statistics,
-) -> anyhow::Result<Vec<f64>> {
+    workers: &[Worker],
+) -> anyhow::Result<Vec<Throughput>> {
     let mut samples = Vec::with_capacity(runs);
+    let pids: Vec<String> = workers
+        .iter()
+        .filter_map(|w| w.pid().map(|p| p.to_string()))
+        .collect();
     for _ in 0..runs {
         reset_queue(&db.pool).await?;
         let jobs = probes(n, tenants);
         let start = stage_jobs(&db.pool, &jobs, stats).await?;
+        let meter = CpuMeter::start(pids.clone());
         let end = wait_drained(&db.pool, Duration::from_secs(600)).await?;
+        let cpu = meter.per_job(n);
         let done: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE status = 'done'")
             .fetch_one(&db.pool)
             .await?;
         ensure!(done == n as i64, "{done} of {n} jobs done");
-        samples.push(n as f64 / (end - start).as_secs_f64());
+        samples.push(Throughput {
+            jobs_per_sec: n as f64 / (end - start).as_secs_f64(),
+            cpu,
+        });
     }
     Ok(samples)
+}
+
+fn rates(samples: &[Throughput]) -> Vec<f64> {
+    samples.iter().map(|t| t.jobs_per_sec).collect()
+}
+
+// ---- CPU per job ---------------------------------------------------------------------------
+
+/// CPU time, as /proc counts it (USER_HZ, which Linux fixes at 100 per second for user space).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// Fields 14-17 of /proc/<pid>/stat: utime, stime, cutime, cstime (children reaped).
+fn proc_ticks(pid: &str) -> Option<[u64; 4]> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; what follows its ')' is field 3 on.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some([n(11)?, n(12)?, n(13)?, n(14)?])
+}
+
+/// CPU seconds the local PostgreSQL server has used: every live postgres process, plus what
+/// exited backends used (the postmaster's reaped children). None when no server process is
+/// visible, as with a remote `DATABASE_URL`.
+fn postgres_cpu_secs() -> Option<f64> {
+    let mut ticks = 0;
+    let mut seen = false;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "postgres" {
+            continue;
+        }
+        if let Some(t) = proc_ticks(pid) {
+            ticks += t.iter().sum::<u64>();
+            seen = true;
+        }
+    }
+    seen.then(|| ticks as f64 / TICKS_PER_SEC)
+}
+
+/// CPU seconds used by these processes themselves (the bench's client, or the workers).
+fn processes_cpu_secs(pids: &[String]) -> f64 {
+    pids.iter()
+        .filter_map(|p| proc_ticks(p))
+        .map(|t| (t[0] + t[1]) as f64 / TICKS_PER_SEC)
+        .sum()
+}
+
+/// Where a run's CPU went, per job: the database server and the client side (the raw loop's
+/// own process, or the worker processes). Throughput alone cannot tell a queue that does more
+/// work per job from one that leaves the cores idle between claims.
+#[derive(Clone, Copy)]
+struct CpuPerJob {
+    postgres_us: Option<f64>,
+    client_us: f64,
+}
+
+struct CpuMeter {
+    clients: Vec<String>,
+    postgres: Option<f64>,
+    client: f64,
+}
+
+impl CpuMeter {
+    fn start(clients: Vec<String>) -> Self {
+        let postgres = postgres_cpu_secs();
+        let client = processes_cpu_secs(&clients);
+        Self {
+            clients,
+            postgres,
+            client,
+        }
+    }
+
+    fn per_job(&self, jobs: usize) -> CpuPerJob {
+        let us = |secs: f64| secs * 1e6 / jobs as f64;
+        CpuPerJob {
+            postgres_us: postgres_cpu_secs()
+                .zip(self.postgres)
+                .map(|(now, then)| us(now - then)),
+            client_us: us(processes_cpu_secs(&self.clients) - self.client),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Throughput {
+    jobs_per_sec: f64,
+    cpu: CpuPerJob,
 }
 
 // ---- raw SQL baseline ----------------------------------------------------------------------
@@ -456,7 +589,7 @@ async fn create_raw_table(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn raw_claim_loop(pool: &PgPool, n: usize, batch: i64) -> anyhow::Result<f64> {
+async fn raw_claim_loop(pool: &PgPool, n: usize, batch: i64) -> anyhow::Result<Throughput> {
     sqlx::query("TRUNCATE bench_jobs").execute(pool).await?;
     let payload = serde_json::to_value(Probe::default())?;
     sqlx::query(
@@ -468,6 +601,7 @@ async fn raw_claim_loop(pool: &PgPool, n: usize, batch: i64) -> anyhow::Result<f
     .execute(pool)
     .await?;
     let done = Arc::new(AtomicU64::new(0));
+    let meter = CpuMeter::start(vec![std::process::id().to_string()]);
     let start = Instant::now();
     let mut clients = Vec::new();
     for c in 0..RAW_CLIENTS {
@@ -509,9 +643,13 @@ async fn raw_claim_loop(pool: &PgPool, n: usize, batch: i64) -> anyhow::Result<f
         c.await??;
     }
     let elapsed = start.elapsed();
+    let cpu = meter.per_job(n);
     let done = done.load(Ordering::Relaxed);
     ensure!(done == n as u64, "raw loop finished {done} of {n}");
-    Ok(n as f64 / elapsed.as_secs_f64())
+    Ok(Throughput {
+        jobs_per_sec: n as f64 / elapsed.as_secs_f64(),
+        cpu,
+    })
 }
 
 // ---- latency and enqueue -------------------------------------------------------------------
@@ -662,8 +800,9 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
     // Rounds interleave the baseline and every queue configuration, one sample each, so a
     // change in the machine's load during the run (it is shared) lands on both sides of a
     // ratio instead of on whichever scenario ran then.
-    let mut raw_samples: HashMap<(i64, usize), Vec<f64>> = HashMap::new();
-    let mut queue_samples: HashMap<(bool, usize, usize), Vec<f64>> = HashMap::new();
+    let mut raw_samples: HashMap<(i64, usize), Vec<Throughput>> = HashMap::new();
+    let mut raw_cpu: HashMap<usize, Vec<Throughput>> = HashMap::new();
+    let mut queue_samples: HashMap<(bool, usize, usize), Vec<Throughput>> = HashMap::new();
     if cli.wants("raw") || cli.wants("queue") {
         create_raw_table(&db.pool).await?;
         // The first loop on a fresh table runs cold (its first sample was the slowest in every
@@ -687,8 +826,15 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                         workers.push(Worker::spawn(db, &env).await?);
                     }
                     for &n in &sizes {
-                        let sample =
-                            queue_throughput(db, &tenants, n, 1, Statistics::NeverAnalyzed).await?;
+                        let sample = queue_throughput(
+                            db,
+                            &tenants,
+                            n,
+                            1,
+                            Statistics::NeverAnalyzed,
+                            &workers,
+                        )
+                        .await?;
                         queue_samples
                             .entry((limits, procs, n))
                             .or_default()
@@ -707,7 +853,10 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
             for batch in [100, 10] {
                 let against = (batch == 10).then(|| raw_name(100, n));
                 let samples = raw_samples.remove(&(batch, n)).unwrap_or_default();
-                report.add_vs(raw_name(batch, n), "jobs/s", samples, against);
+                report.add_vs(raw_name(batch, n), "jobs/s", rates(&samples), against);
+                if batch == 100 {
+                    raw_cpu.insert(n, samples);
+                }
             }
         }
     }
@@ -715,6 +864,7 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
     if cli.wants("queue") {
         // (processes, jobs, samples) of the limited runs.
         let mut limited: Vec<(usize, usize, Vec<f64>)> = Vec::new();
+        let mut queue_cpu: Vec<(String, usize, Vec<Throughput>)> = Vec::new();
         for limits in [false, true] {
             for &procs in &cli.processes {
                 for &n in &sizes {
@@ -727,9 +877,10 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                     } else {
                         raw_name(100, n)
                     };
-                    report.add_vs(name, "jobs/s", samples.clone(), Some(against));
+                    report.add_vs(name, "jobs/s", rates(&samples), Some(against));
+                    queue_cpu.push((queue_name(procs, n, limits), n, samples.clone()));
                     if limits {
-                        limited.push((procs, n, samples));
+                        limited.push((procs, n, rates(&samples)));
                     }
                 }
             }
@@ -740,8 +891,15 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
             ("DATABASE_MAX_CONNECTIONS".to_string(), "12".to_string()),
         ];
         let worker = Worker::spawn(db, &defaults).await?;
-        let samples =
-            queue_throughput(db, &tenants, cli.jobs, cli.runs, Statistics::NeverAnalyzed).await?;
+        let samples = queue_throughput(
+            db,
+            &tenants,
+            cli.jobs,
+            cli.runs,
+            Statistics::NeverAnalyzed,
+            std::slice::from_ref(&worker),
+        )
+        .await?;
         worker.stop().await;
         report.add_vs(
             format!(
@@ -749,7 +907,7 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                 cli.jobs
             ),
             "jobs/s",
-            samples,
+            rates(&samples),
             Some(raw_name(100, cli.jobs)),
         );
         // On a server that runs autovacuum the queue has statistics; the claims must not
@@ -760,9 +918,15 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                 for _ in 0..procs {
                     workers.push(Worker::spawn(db, &worker_env(cli, limits)?).await?);
                 }
-                let samples =
-                    queue_throughput(db, &tenants, cli.jobs, cli.runs, Statistics::WithBacklog)
-                        .await;
+                let samples = queue_throughput(
+                    db,
+                    &tenants,
+                    cli.jobs,
+                    cli.runs,
+                    Statistics::WithBacklog,
+                    &workers,
+                )
+                .await;
                 for w in workers {
                     w.stop().await;
                 }
@@ -770,7 +934,7 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                 report.add_vs(
                     format!("{name}, analyzed with the backlog queued"),
                     "jobs/s",
-                    samples?,
+                    rates(&samples?),
                     Some(name),
                 );
             }
@@ -790,6 +954,40 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                 "jobs/s",
                 samples,
                 Some(raw_name(100, n)),
+            );
+        }
+        // Where the CPU went, per job: more here than the raw loop's means more work per job;
+        // the same with fewer jobs per second means cores left idle between claims.
+        let pg_row = |name: &str| format!("CPU per job, PostgreSQL: {name}");
+        let client_row = |name: &str| format!("CPU per job, client processes: {name}");
+        for n in &sizes {
+            let samples = raw_cpu.get(n).map(Vec::as_slice).unwrap_or_default();
+            report.add_cpu(
+                &pg_row(&raw_name(100, *n)),
+                samples,
+                |c| c.postgres_us,
+                None,
+            );
+            report.add_cpu(
+                &client_row(&raw_name(100, *n)),
+                samples,
+                |c| Some(c.client_us),
+                None,
+            );
+        }
+        for (name, n, samples) in &queue_cpu {
+            let raw = raw_name(100, *n);
+            report.add_cpu(
+                &pg_row(name),
+                samples,
+                |c| c.postgres_us,
+                Some(pg_row(&raw)),
+            );
+            report.add_cpu(
+                &client_row(name),
+                samples,
+                |c| Some(c.client_us),
+                Some(client_row(&raw)),
             );
         }
     }
