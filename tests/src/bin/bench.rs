@@ -500,7 +500,9 @@ fn proc_ticks(pid: &str) -> Option<[u64; 4]> {
 
 /// CPU seconds the local PostgreSQL server has used: every live postgres process, plus what
 /// exited backends used (the postmaster's reaped children). None when no server process is
-/// visible, as with a remote `DATABASE_URL`.
+/// visible, as with a remote `DATABASE_URL`. A backend that exits between two readings has its
+/// time before the first counted again at the second; the bench's and workers' pools keep
+/// their connections through a run, so only a stray client's disconnect can inflate a figure.
 fn postgres_cpu_secs() -> Option<f64> {
     let mut ticks = 0;
     let mut seen = false;
