@@ -933,6 +933,115 @@ async fn a_lease_renewal_skips_rows_another_statement_holds() {
         .unwrap();
 }
 
+/// A completion flush must never wait for a row another statement holds. A plain claim can
+/// hold rows it does not claim (locking a version its snapshot still sees as pending locks the
+/// newer versions too, and waits for their updater whatever SKIP LOCKED says); a flush that
+/// waited for such a claim while the claim waited for it deadlocked in the benchmark, and
+/// Postgres broke the deadlock only after a second. The held job is reported back, not lost.
+#[tokio::test]
+async fn a_completion_flush_skips_rows_another_statement_holds() {
+    use jobs::queue::runtime::COMPLETE_JOBS;
+    let db = TestDb::new().await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO queue_jobs (queue, payload, max_attempts, status, attempts, locked_by,
+                                 lease_expires_at)
+         SELECT 'graphdesk.probe', '{}', 5, 'running', 1, 'w', now() + interval '1 minute'
+         FROM generate_series(1, 3) RETURNING id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    // A claim (say) holds the first job's row.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM queue_jobs WHERE id = $1 FOR UPDATE")
+        .bind(ids[0])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut flusher = db.pool.acquire().await.unwrap();
+    sqlx::query("SET lock_timeout = '3s'")
+        .execute(&mut *flusher)
+        .await
+        .unwrap();
+    // The first two are plain successes, the third a retry.
+    let retry_at = Utc::now() + chrono::Duration::minutes(5);
+    let mut outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_JOBS)
+        .bind(vec![ids[2]])
+        .bind(vec![1_i32])
+        .bind(vec!["pending"])
+        .bind(vec![0_i32])
+        .bind(vec![Some(retry_at)])
+        .bind(vec![Some("boom")])
+        .bind(vec!["retry"])
+        .bind(vec![Utc::now()])
+        .bind(&ids[..2])
+        .bind(vec![1_i32, 1])
+        .fetch_all(&mut *flusher)
+        .await
+        .expect("the flush waited for the held row");
+    outcome.sort();
+    assert_eq!(
+        outcome,
+        vec![(ids[0], false), (ids[1], true), (ids[2], true)]
+    );
+    holder.rollback().await.unwrap();
+    sqlx::query("RESET lock_timeout")
+        .execute(&mut *flusher)
+        .await
+        .unwrap();
+    let statuses: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
+            .bind(&ids)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(statuses, vec!["running", "done", "pending"]);
+}
+
+/// A job whose completion met its row held elsewhere stays in flight and completes once the
+/// row is free: once, without waiting for its lease to expire.
+#[tokio::test]
+async fn a_completion_held_back_by_a_locked_row_lands_once_the_row_is_free() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let _w = spawn_worker(&db, opts(|q| q.lease = Duration::from_secs(30))).await;
+    let probe = Probe {
+        sleep_ms: 1_000,
+        record: true,
+        ..Probe::default()
+    };
+    let id = queue
+        .enqueue(&probe, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    wait_status(&queue, id, "running", Duration::from_secs(10)).await;
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM queue_jobs WHERE id = $1 FOR UPDATE")
+        .bind(id.get())
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    // The handler finishes while the row is held; its completion cannot land yet.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let ran: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_probe_runs WHERE job_id = $1")
+        .bind(id.get())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(ran, 1, "the handler ran while the row was held");
+    assert_eq!(job(&queue, id).await.status, "running");
+    holder.commit().await.unwrap();
+    let j = wait_status(&queue, id, "done", Duration::from_secs(5)).await;
+    assert_eq!(j.attempts, 1);
+    let ran: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_probe_runs WHERE job_id = $1")
+        .bind(id.get())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(ran, 1, "the job ran once");
+}
+
 /// Claims must stay index lookups once the queue has fresh statistics, as autovacuum takes
 /// them on any real server. On an analyzed queue of 20,000 pending jobs over 100 tenants, 75
 /// of them at their limit, the limited claim joined its picked ids by a nested loop over a

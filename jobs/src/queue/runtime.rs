@@ -403,17 +403,32 @@ pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
 // leaves the primary key as the only way in. They are public so a test can check their plans.
 
 /// Completes a batch: `$1..$8` the eventful completions (id, attempt, status, refund, run_at,
-/// error, kind, at), `$9, $10` the plain successes (id, attempt). Returns the ids applied.
-pub const COMPLETE_JOBS: &str = "WITH plain AS (
+/// error, kind, at), `$9, $10` the plain successes (id, attempt). Returns `(id, applied)`:
+/// `true` for each completion applied, `false` for a job still running whose row another
+/// statement holds, to be flushed again; a completion in neither lost its compare-and-set.
+///
+/// Rows another statement holds are skipped, never waited for. A plain claim can hold rows it
+/// does not claim: its snapshot may still see a job as pending that another claim has taken
+/// since, and locking that stale version locks the newer ones too, waiting for whoever is
+/// updating them, SKIP LOCKED or not. A flush that waited for such a claim while the claim
+/// waited for it deadlocked (seen in the benchmark: Postgres broke it after a second, stalling
+/// the flush that long and failing the claim).
+pub const COMPLETE_JOBS: &str = "WITH held AS (
+            SELECT j.id FROM queue_jobs j
+            WHERE j.id = ANY ($9::bigint[] || $1::bigint[]) AND coalesce(j.status, '') = 'running'
+            FOR UPDATE SKIP LOCKED
+         ), plain AS (
             UPDATE queue_jobs j SET status = 'done', finished_at = now(),
                 locked_by = NULL, lease_expires_at = NULL, updated_at = now()
-            FROM unnest($9::bigint[], $10::int[]) AS c(id, attempt)
+            FROM (SELECT * FROM unnest($9::bigint[], $10::int[]) AS u(id, attempt)
+                  WHERE u.id IN (SELECT h.id FROM held h)) AS c
             WHERE j.id = c.id AND j.attempts = c.attempt AND coalesce(j.status, '') = 'running'
             RETURNING j.id
          ), c AS (
             SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[],
                                  $5::timestamptz[], $6::text[], $7::text[], $8::timestamptz[])
                    AS c(id, attempt, status, refund, run_at, error, kind, at)
+            WHERE c.id IN (SELECT h.id FROM held h)
          ), decided AS (
             -- Going back to pending must not break the one-pending-per-coalesce-key rule: a
             -- newer pending job with the same key already covers this work, so this run is
@@ -446,7 +461,11 @@ pub const COMPLETE_JOBS: &str = "WITH plain AS (
             WHERE j.id = d.id AND j.attempts = d.attempt AND coalesce(j.status, '') = 'running'
             RETURNING j.id
          )
-         SELECT id FROM plain UNION ALL SELECT id FROM eventful";
+         SELECT id, true FROM plain UNION ALL SELECT id, true FROM eventful
+         UNION ALL
+         SELECT q.id, false FROM queue_jobs q
+         WHERE q.id = ANY ($9::bigint[] || $1::bigint[]) AND coalesce(q.status, '') = 'running'
+           AND q.id NOT IN (SELECT h.id FROM held h)";
 
 /// Renews the leases of `$1` (ids) held by worker `$3` for `$2` seconds. A row another
 /// statement has locked is skipped, not waited for: that is a flush completing the job (or the
@@ -763,9 +782,9 @@ async fn flush_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Completio
 
 async fn flush_with_retry(inner: &Inner, batch: Vec<Completion>) {
     let mut failures = 0u32;
-    let applied = loop {
+    let outcome = loop {
         match flush(&inner.pool, &batch).await {
-            Ok(applied) => break Some(applied),
+            Ok(outcome) => break Some(outcome),
             Err(e) => {
                 failures += 1;
                 if failures > 3 && inner.stop_background.is_cancelled() {
@@ -778,30 +797,62 @@ async fn flush_with_retry(inner: &Inner, batch: Vec<Completion>) {
             }
         }
     };
-    let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
-    if applied.is_some() && inner.settings.tenant_concurrency.is_some() {
+    let Some(outcome) = outcome else {
+        let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
+        forget(inner, &ids);
+        return;
+    };
+    let held: std::collections::HashSet<i64> = outcome
+        .iter()
+        .filter(|(_, applied)| !applied)
+        .map(|(id, _)| *id)
+        .collect();
+    let applied: std::collections::HashSet<i64> = outcome
+        .iter()
+        .filter(|(_, applied)| *applied)
+        .map(|(id, _)| *id)
+        .collect();
+    if !applied.is_empty() && inner.settings.tenant_concurrency.is_some() {
         // Finished jobs free tenant slots: a fetcher that found every tenant at its limit is
         // asleep and should claim again now, not at its next poll.
         wake_all(inner);
     }
-    if let Some(applied) = applied
-        && applied.len() < ids.len()
-    {
-        let applied: std::collections::HashSet<i64> = applied.into_iter().collect();
-        let stale: Vec<i64> = ids
-            .iter()
-            .copied()
-            .filter(|id| !applied.contains(id))
-            .collect();
+    let (again, settled): (Vec<Completion>, Vec<Completion>) =
+        batch.into_iter().partition(|c| held.contains(&c.id));
+    let stale: Vec<i64> = settled
+        .iter()
+        .map(|c| c.id)
+        .filter(|id| !applied.contains(id))
+        .collect();
+    if !stale.is_empty() {
         warn!(
             jobs = ?stale,
             "completions not applied: those jobs were recovered by another worker meanwhile"
         );
     }
-    forget(inner, &ids);
+    let settled: Vec<i64> = settled.iter().map(|c| c.id).collect();
+    forget(inner, &settled);
+    if !again.is_empty() {
+        // Held by a claim or an ops action for a moment: the jobs stay in flight (their leases
+        // renewed) and go out with a later flush, after a pause so that a row held for longer
+        // is not retried in a tight loop.
+        debug!(
+            jobs = again.len(),
+            "completions wait for rows held elsewhere"
+        );
+        let sender = inner.completions.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for c in again {
+                // Fails only once the flusher has stopped at shutdown; the lease then hands
+                // the job on.
+                let _ = sender.send(c);
+            }
+        });
+    }
 }
 
-async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<i64>, QueueError> {
+async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<(i64, bool)>, QueueError> {
     // Nearly every completion is a plain success, which needs nothing decided (no error
     // history, no coalesce check): those go through their own lean UPDATE, the rest through
     // the full one, both in one statement so the batch stays one commit.
@@ -829,7 +880,7 @@ async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<i64>, QueueErr
         kinds.push(c.outcome.label());
         ats.push(c.at);
     }
-    sqlx::query_scalar(COMPLETE_JOBS)
+    sqlx::query_as(COMPLETE_JOBS)
         .bind(&ids)
         .bind(&attempts)
         .bind(&statuses)
