@@ -881,6 +881,42 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
     }
 }
 
+/// `n` jobs running under worker `w`, leased for a minute.
+async fn running_jobs(db: &TestDb, n: i64) -> Vec<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO queue_jobs (queue, payload, max_attempts, status, attempts, locked_by,
+                                 lease_expires_at)
+         SELECT 'graphdesk.probe', '{}', 5, 'running', 1, 'w', now() + interval '1 minute'
+         FROM generate_series(1, $1) RETURNING id",
+    )
+    .bind(n)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// A transaction holding job `id`'s row, as a claim, a flush or an ops action would.
+async fn hold_row(db: &TestDb, id: i64) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM queue_jobs WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
+/// A connection that gives up waiting for a lock after 3 s, so a statement that waits fails
+/// instead of hanging. Detached from the pool: the setting must not outlive the test's use.
+async fn impatient_connection(db: &TestDb) -> sqlx::PgConnection {
+    let mut conn = db.pool.acquire().await.unwrap().detach();
+    sqlx::query("SET lock_timeout = '3s'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn
+}
+
 /// A lease renewal must never wait for a row another statement holds: the completion flush
 /// locks the same rows in its own order, and the two deadlocked under load (seen in the
 /// benchmark: Postgres broke it after a second, and completions stalled that long).
@@ -888,32 +924,15 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
 async fn a_lease_renewal_skips_rows_another_statement_holds() {
     use jobs::queue::runtime::RENEW_LEASES;
     let db = TestDb::new().await;
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO queue_jobs (queue, payload, max_attempts, status, attempts, locked_by,
-                                 lease_expires_at)
-         SELECT 'graphdesk.probe', '{}', 5, 'running', 1, 'w', now() + interval '1 minute'
-         FROM generate_series(1, 2) RETURNING id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let ids = running_jobs(&db, 2).await;
     // A flush (say) holds the first job's row.
-    let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM queue_jobs WHERE id = $1 FOR UPDATE")
-        .bind(ids[0])
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    let mut renewer = db.pool.acquire().await.unwrap();
-    sqlx::query("SET lock_timeout = '3s'")
-        .execute(&mut *renewer)
-        .await
-        .unwrap();
+    let holder = hold_row(&db, ids[0]).await;
+    let mut renewer = impatient_connection(&db).await;
     let renewed = sqlx::query(RENEW_LEASES)
         .bind(&ids)
         .bind(600.0_f64)
         .bind("w")
-        .execute(&mut *renewer)
+        .execute(&mut renewer)
         .await
         .expect("the renewal waited for the held row");
     assert_eq!(renewed.rows_affected(), 1);
@@ -927,10 +946,6 @@ async fn a_lease_renewal_skips_rows_another_statement_holds() {
     .await
     .unwrap();
     assert_eq!(extended, vec![false, true]);
-    sqlx::query("RESET lock_timeout")
-        .execute(&mut *renewer)
-        .await
-        .unwrap();
 }
 
 /// A completion flush must never wait for a row another statement holds. A plain claim can
@@ -942,27 +957,10 @@ async fn a_lease_renewal_skips_rows_another_statement_holds() {
 async fn a_completion_flush_skips_rows_another_statement_holds() {
     use jobs::queue::runtime::COMPLETE_JOBS;
     let db = TestDb::new().await;
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO queue_jobs (queue, payload, max_attempts, status, attempts, locked_by,
-                                 lease_expires_at)
-         SELECT 'graphdesk.probe', '{}', 5, 'running', 1, 'w', now() + interval '1 minute'
-         FROM generate_series(1, 3) RETURNING id",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap();
+    let ids = running_jobs(&db, 3).await;
     // A claim (say) holds the first job's row.
-    let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM queue_jobs WHERE id = $1 FOR UPDATE")
-        .bind(ids[0])
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    let mut flusher = db.pool.acquire().await.unwrap();
-    sqlx::query("SET lock_timeout = '3s'")
-        .execute(&mut *flusher)
-        .await
-        .unwrap();
+    let holder = hold_row(&db, ids[0]).await;
+    let mut flusher = impatient_connection(&db).await;
     // The first two are plain successes, the third a retry.
     let retry_at = Utc::now() + chrono::Duration::minutes(5);
     let mut outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_JOBS)
@@ -976,7 +974,7 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
         .bind(vec![Utc::now()])
         .bind(&ids[..2])
         .bind(vec![1_i32, 1])
-        .fetch_all(&mut *flusher)
+        .fetch_all(&mut flusher)
         .await
         .expect("the flush waited for the held row");
     outcome.sort();
@@ -985,10 +983,6 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
         vec![(ids[0], false), (ids[1], true), (ids[2], true)]
     );
     holder.rollback().await.unwrap();
-    sqlx::query("RESET lock_timeout")
-        .execute(&mut *flusher)
-        .await
-        .unwrap();
     let statuses: Vec<String> =
         sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
             .bind(&ids)
@@ -1016,12 +1010,7 @@ async fn a_completion_held_back_by_a_locked_row_lands_once_the_row_is_free() {
         .unwrap()
         .id;
     wait_status(&queue, id, "running", Duration::from_secs(10)).await;
-    let mut holder = db.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM queue_jobs WHERE id = $1 FOR UPDATE")
-        .bind(id.get())
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_row(&db, id.get()).await;
     // The handler finishes while the row is held; its completion cannot land yet.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let ran: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_probe_runs WHERE job_id = $1")
