@@ -906,6 +906,28 @@ async fn hold_row(db: &TestDb, id: i64) -> sqlx::Transaction<'static, sqlx::Post
     holder
 }
 
+/// `n` running jobs, the first one's row held by another transaction, and a connection that
+/// fails a statement waiting for it.
+struct HeldRow {
+    db: TestDb,
+    ids: Vec<i64>,
+    holder: sqlx::Transaction<'static, sqlx::Postgres>,
+    conn: sqlx::PgConnection,
+}
+
+async fn first_row_held(n: i64) -> HeldRow {
+    let db = TestDb::new().await;
+    let ids = running_jobs(&db, n).await;
+    let holder = hold_row(&db, ids[0]).await;
+    let conn = impatient_connection(&db).await;
+    HeldRow {
+        db,
+        ids,
+        holder,
+        conn,
+    }
+}
+
 /// A connection that gives up waiting for a lock after 3 s, so a statement that waits fails
 /// instead of hanging. Detached from the pool: the setting must not outlive the test's use.
 async fn impatient_connection(db: &TestDb) -> sqlx::PgConnection {
@@ -923,11 +945,13 @@ async fn impatient_connection(db: &TestDb) -> sqlx::PgConnection {
 #[tokio::test]
 async fn a_lease_renewal_skips_rows_another_statement_holds() {
     use jobs::queue::runtime::RENEW_LEASES;
-    let db = TestDb::new().await;
-    let ids = running_jobs(&db, 2).await;
     // A flush (say) holds the first job's row.
-    let holder = hold_row(&db, ids[0]).await;
-    let mut renewer = impatient_connection(&db).await;
+    let HeldRow {
+        db,
+        ids,
+        holder,
+        conn: mut renewer,
+    } = first_row_held(2).await;
     let renewed = sqlx::query(RENEW_LEASES)
         .bind(&ids)
         .bind(600.0_f64)
@@ -956,11 +980,13 @@ async fn a_lease_renewal_skips_rows_another_statement_holds() {
 #[tokio::test]
 async fn a_completion_flush_skips_rows_another_statement_holds() {
     use jobs::queue::runtime::COMPLETE_JOBS;
-    let db = TestDb::new().await;
-    let ids = running_jobs(&db, 3).await;
     // A claim (say) holds the first job's row.
-    let holder = hold_row(&db, ids[0]).await;
-    let mut flusher = impatient_connection(&db).await;
+    let HeldRow {
+        db,
+        ids,
+        holder,
+        conn: mut flusher,
+    } = first_row_held(3).await;
     // The first two are plain successes, the third a retry.
     let retry_at = Utc::now() + chrono::Duration::minutes(5);
     let mut outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_JOBS)

@@ -464,8 +464,9 @@ pub const COMPLETE_JOBS: &str = "WITH held AS (
          SELECT id, true FROM plain UNION ALL SELECT id, true FROM eventful
          UNION ALL
          SELECT q.id, false FROM queue_jobs q
-         WHERE q.id = ANY ($9::bigint[] || $1::bigint[]) AND coalesce(q.status, '') = 'running'
-           AND q.id NOT IN (SELECT h.id FROM held h)";
+         WHERE q.id = ANY (ARRAY(SELECT u.id FROM unnest($9::bigint[] || $1::bigint[]) AS u(id)
+                                 EXCEPT SELECT h.id FROM held h))
+           AND coalesce(q.status, '') = 'running'";
 
 /// Renews the leases of `$1` (ids) held by worker `$3` for `$2` seconds. A row another
 /// statement has locked is skipped, not waited for: that is a flush completing the job (or the
@@ -802,16 +803,15 @@ async fn flush_with_retry(inner: &Inner, batch: Vec<Completion>) {
         forget(inner, &ids);
         return;
     };
-    let held: std::collections::HashSet<i64> = outcome
-        .iter()
-        .filter(|(_, applied)| !applied)
-        .map(|(id, _)| *id)
-        .collect();
-    let applied: std::collections::HashSet<i64> = outcome
-        .iter()
-        .filter(|(_, applied)| *applied)
-        .map(|(id, _)| *id)
-        .collect();
+    let mut applied = std::collections::HashSet::new();
+    let mut held = std::collections::HashSet::new();
+    for (id, was_applied) in outcome {
+        if was_applied {
+            applied.insert(id);
+        } else {
+            held.insert(id);
+        }
+    }
     if !applied.is_empty() && inner.settings.tenant_concurrency.is_some() {
         // Finished jobs free tenant slots: a fetcher that found every tenant at its limit is
         // asleep and should claim again now, not at its next poll.
