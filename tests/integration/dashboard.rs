@@ -452,6 +452,158 @@ async fn ops_api_applies_role_rules_and_audits_every_action() {
     assert_eq!(audit[3].details["role"], "ops");
 }
 
+async fn put(app: &TestApp, path: &str, token: &str, body: Value) -> (u16, Value) {
+    call(app, reqwest::Method::PUT, path, token, Some(body)).await
+}
+
+async fn tenant_limit(pool: &PgPool, tenant: TenantId) -> Option<i32> {
+    sqlx::query_scalar("SELECT concurrency_limit FROM tenants WHERE id = $1")
+        .bind(tenant.as_uuid())
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// What one worker's limited claim takes now, with a default limit of 4 (the statement every
+/// worker runs with WORKER_TENANT_CONCURRENCY=4).
+async fn claim_with_default_limit_4(pool: &PgPool) -> usize {
+    let rows: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM queue_claim_limited($1, 10, 'test-worker', 60, 64, 4, 42, false,
+                                            gen_random_uuid(), 256)",
+    )
+    .bind(PROBE)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.len()
+}
+
+#[tokio::test]
+async fn ops_set_a_tenants_concurrency_limit_and_the_next_claim_applies_it() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let ta = app.db.create_tenant("tenant-a").await;
+    let tb = app.db.create_tenant("tenant-b").await;
+    let ops = app.token(tb, TestRole::Ops);
+    let admin_a = app.token(ta, TestRole::Admin);
+    let agent_a = app.token(ta, TestRole::Agent);
+    let path_a = format!("/api/v1/tenants/{ta}/concurrency");
+
+    // Reading: ops any tenant, admins their own, agents nothing.
+    let (s, body) = get(&app, &path_a, &admin_a).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["name"], "tenant-a");
+    assert_eq!(body["running_jobs"], 0);
+    assert!(
+        body.get("concurrency_limit").is_none(),
+        "no override: {body}"
+    );
+    let (s, _) = get(&app, &format!("/api/v1/tenants/{tb}/concurrency"), &admin_a).await;
+    assert_eq!(s, 403);
+    let (s, _) = get(&app, &path_a, &agent_a).await;
+    assert_eq!(s, 403);
+
+    // Changing: ops only, and a whole number from 1 to 1000.
+    let (s, _) = put(&app, &path_a, &admin_a, json!({ "concurrency_limit": 9 })).await;
+    assert_eq!(s, 403, "a tenant's admin may not raise its own share");
+    for bad in [
+        json!({ "concurrency_limit": 0 }),
+        json!({ "concurrency_limit": 1001 }),
+        json!({ "concurrency_limit": "two" }),
+        json!({ "concurrency_limit": null }),
+        json!({}),
+    ] {
+        let (s, body) = put(&app, &path_a, &ops, bad.clone()).await;
+        assert_eq!(s, 400, "{bad}: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("concurrency_limit") || m.contains("integer")),
+            "the error says what to fix: {body}"
+        );
+    }
+    let (s, _) = call(&app, reqwest::Method::DELETE, &path_a, &admin_a, None).await;
+    assert_eq!(s, 403);
+    let unknown = TenantId::new();
+    let (s, body) = put(
+        &app,
+        &format!("/api/v1/tenants/{unknown}/concurrency"),
+        &ops,
+        json!({ "concurrency_limit": 1 }),
+    )
+    .await;
+    assert_eq!(s, 404, "{body}");
+    assert_eq!(
+        tenant_limit(pool, ta).await,
+        None,
+        "refused changes left it alone"
+    );
+    assert!(audit_rows(pool).await.is_empty());
+
+    for _ in 0..3 {
+        JobRow {
+            tenant: Some(ta),
+            ..JobRow::default()
+        }
+        .insert(pool)
+        .await;
+    }
+    let (s, body) = put(&app, &path_a, &ops, json!({ "concurrency_limit": 1 })).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["concurrency_limit"], 1);
+    assert_eq!(tenant_limit(pool, ta).await, Some(1));
+    assert_eq!(
+        claim_with_default_limit_4(pool).await,
+        1,
+        "the next claim holds the tenant to its own limit, not the workers' default"
+    );
+    let (_, body) = get(&app, &path_a, &ops).await;
+    assert_eq!(body["running_jobs"], 1, "{body}");
+
+    // Setting what is already set is not a change: no second audit row.
+    let (s, _) = put(&app, &path_a, &ops, json!({ "concurrency_limit": 1 })).await;
+    assert_eq!(s, 200);
+
+    let (s, body) = call(&app, reqwest::Method::DELETE, &path_a, &ops, None).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.get("concurrency_limit").is_none(), "{body}");
+    assert_eq!(tenant_limit(pool, ta).await, None);
+    assert_eq!(
+        claim_with_default_limit_4(pool).await,
+        2,
+        "cleared: the default of 4 applies, so both remaining jobs start"
+    );
+
+    let audit = audit_rows(pool).await;
+    let summary: Vec<Value> = audit
+        .iter()
+        .map(|a| {
+            json!([
+                a.action,
+                a.entity_type,
+                a.entity_id,
+                a.tenant_id,
+                a.details["detail"]["from"],
+                a.details["detail"]["to"]
+            ])
+        })
+        .collect();
+    let set = "tenant.concurrency_limit_set";
+    assert_eq!(
+        summary,
+        vec![
+            json!([set, "tenant", ta, ta, null, 1]),
+            json!([set, "tenant", ta, ta, 1, null]),
+        ],
+        "one row per change, none for setting the same value again"
+    );
+    assert!(
+        audit
+            .iter()
+            .all(|a| a.actor == "test-user" && a.details["role"] == "ops")
+    );
+}
+
 #[tokio::test]
 async fn ops_overview_and_account_health_follow_the_role_rules() {
     let app = spawn_app().await;

@@ -237,7 +237,7 @@ fn forbidden_page() -> Response {
 fn error_response(s: &Session, e: OpsError) -> Response {
     let (status, title) = match &e {
         OpsError::Forbidden(_) => (StatusCode::FORBIDDEN, "Not allowed"),
-        OpsError::NotFound => (StatusCode::NOT_FOUND, "Not found"),
+        OpsError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
         OpsError::Conflict(_) => (StatusCode::CONFLICT, "Not possible"),
         OpsError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid request"),
         OpsError::Queue(err) => {

@@ -5,8 +5,8 @@
 use chrono::{Duration, Utc};
 use jobs::ids::{JobId, TenantId};
 use jobs::queue::{
-    AccountHealth, AuditEntry, JobFilter, JobRecord, OldestPending, QueueCount, QueueError,
-    ThroughputBucket,
+    AccountHealth, Actor, AuditEntry, ConcurrencyLimit, JobFilter, JobRecord, OldestPending,
+    QueueCount, QueueError, TenantConcurrency, ThroughputBucket,
 };
 use serde_json::{Value, json};
 
@@ -23,8 +23,9 @@ pub const MAX_PURGE_DAYS: u32 = 3650;
 pub enum OpsError {
     #[error("{0}")]
     Forbidden(&'static str),
-    #[error("job not found")]
-    NotFound,
+    /// What was not found: "job", "tenant".
+    #[error("{0} not found")]
+    NotFound(&'static str),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -75,7 +76,7 @@ pub async fn get_job(state: &AppState, p: &Principal, id: i64) -> Result<JobReco
         .get_job(JobId::new(id))
         .await?
         .filter(|j| own.is_none_or(|t| j.tenant_id == Some(t.as_uuid())))
-        .ok_or(OpsError::NotFound)
+        .ok_or(OpsError::NotFound("job"))
 }
 
 pub async fn retry_job(state: &AppState, p: &Principal, id: i64) -> Result<JobRecord, OpsError> {
@@ -166,6 +167,55 @@ pub async fn purge(state: &AppState, p: &Principal, days: u32) -> Result<u64, Op
     )
     .await?;
     Ok(n)
+}
+
+/// A tenant's concurrency limit and running jobs: ops for any tenant, admins for their own.
+pub async fn tenant_concurrency(
+    state: &AppState,
+    p: &Principal,
+    tenant: TenantId,
+) -> Result<TenantConcurrency, OpsError> {
+    if scope(p)?.is_some_and(|own| own != tenant) {
+        return Err(OpsError::Forbidden(
+            "admins see only their own tenant's settings",
+        ));
+    }
+    state
+        .queue
+        .tenant_concurrency(tenant)
+        .await?
+        .ok_or(OpsError::NotFound("tenant"))
+}
+
+/// Sets or clears a tenant's own concurrency limit. Ops only: a tenant's limit is its share
+/// of workers every tenant uses, so its own admin may not raise it.
+pub async fn set_tenant_concurrency(
+    state: &AppState,
+    p: &Principal,
+    tenant: TenantId,
+    limit: Option<u32>,
+) -> Result<TenantConcurrency, OpsError> {
+    if scope(p)?.is_some() {
+        return Err(OpsError::Forbidden(
+            "a tenant's concurrency limit is its share of workers every tenant uses; changing it needs the ops role",
+        ));
+    }
+    let limit = limit
+        .map(ConcurrencyLimit::new)
+        .transpose()
+        .map_err(|e| OpsError::Invalid(e.to_string()))?;
+    let actor = Actor {
+        subject: &p.subject,
+        role: p.role.as_str(),
+    };
+    let setting = state
+        .queue
+        .set_tenant_concurrency(tenant, limit, actor)
+        .await?
+        .ok_or(OpsError::NotFound("tenant"))?;
+    metrics::counter!("graphdesk_ops_actions_total", "action" => "tenant.concurrency_limit_set")
+        .increment(1);
+    Ok(setting)
 }
 
 pub struct Overview {

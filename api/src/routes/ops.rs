@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, Utc};
 use jobs::ids::{AccountId, TenantId};
-use jobs::queue::{AccountHealth, JobFilter, JobRecord, JobStatus};
+use jobs::queue::{
+    AccountHealth, ConcurrencyLimit, JobFilter, JobRecord, JobStatus, TenantConcurrency,
+};
 use poem_openapi::{
     Object, OpenApi,
     param::{Path, Query},
@@ -22,7 +24,7 @@ impl From<OpsError> for ApiError {
     fn from(e: OpsError) -> Self {
         match e {
             OpsError::Forbidden(msg) => ApiError::forbidden(msg),
-            OpsError::NotFound => ApiError::not_found("job"),
+            OpsError::NotFound(what) => ApiError::not_found(what),
             OpsError::Conflict(msg) => ApiError::conflict(msg),
             OpsError::Invalid(msg) => ApiError::unprocessable(msg),
             OpsError::Queue(e) => ApiError::internal(&e),
@@ -71,6 +73,38 @@ pub struct PurgeRequest {
     /// Delete done, dead and cancelled jobs that finished more than this many days ago.
     #[oai(validator(minimum(value = "1"), maximum(value = "3650")))]
     pub older_than_days: u32,
+}
+
+/// A tenant's concurrency limit: how many of its jobs may run at once across every worker.
+#[derive(Debug, Object)]
+#[oai(skip_serializing_if_is_none)]
+pub struct TenantConcurrencyView {
+    pub tenant_id: Uuid,
+    pub name: String,
+    /// The tenant's own limit; absent when the workers' default (WORKER_TENANT_CONCURRENCY)
+    /// applies.
+    pub concurrency_limit: Option<u32>,
+    /// The tenant's jobs running now, on every worker.
+    pub running_jobs: i64,
+}
+
+impl From<TenantConcurrency> for TenantConcurrencyView {
+    fn from(t: TenantConcurrency) -> Self {
+        Self {
+            tenant_id: t.tenant.as_uuid(),
+            name: t.name,
+            concurrency_limit: t.limit.map(ConcurrencyLimit::get),
+            running_jobs: t.running,
+        }
+    }
+}
+
+#[derive(Debug, Object)]
+pub struct SetConcurrencyRequest {
+    /// How many of the tenant's jobs may run at once, 1 to 1000. Applies from the next claim
+    /// on; running jobs are not interrupted.
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+    pub concurrency_limit: u32,
 }
 
 /// One queue at a glance.
@@ -277,6 +311,54 @@ impl OpsApi {
                 .collect(),
             bucket_seconds: service::BUCKET_SECS,
         }))
+    }
+
+    /// A tenant's concurrency limit and running jobs. Admins see their own tenant's.
+    #[oai(path = "/tenants/:tenant_id/concurrency", method = "get")]
+    async fn tenant_concurrency(
+        &self,
+        auth: BearerAuth,
+        tenant_id: Path<Uuid>,
+    ) -> ApiResult<Json<TenantConcurrencyView>> {
+        let tenant = TenantId::from_uuid(tenant_id.0);
+        Ok(Json(
+            service::tenant_concurrency(&self.state, &auth.0, tenant)
+                .await?
+                .into(),
+        ))
+    }
+
+    /// Sets a tenant's own concurrency limit (ops only). Audited.
+    #[oai(path = "/tenants/:tenant_id/concurrency", method = "put")]
+    async fn set_tenant_concurrency(
+        &self,
+        auth: BearerAuth,
+        tenant_id: Path<Uuid>,
+        body: Json<SetConcurrencyRequest>,
+    ) -> ApiResult<Json<TenantConcurrencyView>> {
+        let tenant = TenantId::from_uuid(tenant_id.0);
+        let limit = Some(body.0.concurrency_limit);
+        Ok(Json(
+            service::set_tenant_concurrency(&self.state, &auth.0, tenant, limit)
+                .await?
+                .into(),
+        ))
+    }
+
+    /// Clears a tenant's own concurrency limit, so the workers' default applies again (ops
+    /// only). Audited.
+    #[oai(path = "/tenants/:tenant_id/concurrency", method = "delete")]
+    async fn clear_tenant_concurrency(
+        &self,
+        auth: BearerAuth,
+        tenant_id: Path<Uuid>,
+    ) -> ApiResult<Json<TenantConcurrencyView>> {
+        let tenant = TenantId::from_uuid(tenant_id.0);
+        Ok(Json(
+            service::set_tenant_concurrency(&self.state, &auth.0, tenant, None)
+                .await?
+                .into(),
+        ))
     }
 
     /// Every mailbox's sync and token health, worst first.

@@ -12,6 +12,7 @@ mod error;
 mod ops;
 mod retry;
 pub mod runtime;
+mod tenant_limits;
 
 use chrono::{DateTime, Utc};
 use serde::{Serialize, de::DeserializeOwned};
@@ -23,6 +24,7 @@ pub use dashboard_queries::{
 pub use error::{JobError, QueueError};
 pub use ops::{JobFilter, JobRecord, JobStats, JobStatus};
 pub use retry::RetryPolicy;
+pub use tenant_limits::{Actor, ConcurrencyLimit, InvalidConcurrencyLimit, TenantConcurrency};
 
 use crate::ids::{AccountId, JobId, TenantId};
 use error::DbContext;

@@ -1,0 +1,174 @@
+//! Per-tenant concurrency overrides: how many of one tenant's jobs may run at once across every
+//! worker, when that should differ from the workers' `WORKER_TENANT_CONCURRENCY`. Every limited
+//! claim reads `tenants.concurrency_limit` afresh, so a change applies to the next claim on
+//! every host without a restart; jobs already running are never interrupted by a lower limit.
+
+use serde_json::json;
+
+use super::error::DbContext;
+use super::{Queue, QueueError};
+use crate::ids::TenantId;
+
+/// A tenant's own concurrency limit: at least one job (zero would stop the tenant for good,
+/// which is what cancelling its jobs is for) and at most [`ConcurrencyLimit::MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcurrencyLimit(u32);
+
+impl ConcurrencyLimit {
+    /// Far above what one tenant's Graph mailboxes can use (4 concurrent requests each).
+    pub const MAX: u32 = 1000;
+
+    /// # Errors
+    /// When `n` is 0 or above [`ConcurrencyLimit::MAX`].
+    pub fn new(n: u32) -> Result<Self, InvalidConcurrencyLimit> {
+        if (1..=Self::MAX).contains(&n) {
+            Ok(Self(n))
+        } else {
+            Err(InvalidConcurrencyLimit(n))
+        }
+    }
+
+    #[must_use]
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a tenant's concurrency limit must be between 1 and {max}, got {0}",
+    max = ConcurrencyLimit::MAX
+)]
+pub struct InvalidConcurrencyLimit(pub u32);
+
+/// A tenant's concurrency setting and what it is using now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantConcurrency {
+    pub tenant: TenantId,
+    pub name: String,
+    /// `None`: the workers' default applies.
+    pub limit: Option<ConcurrencyLimit>,
+    /// The tenant's jobs running now, on every worker.
+    pub running: i64,
+}
+
+/// Who changed a setting, for the audit row written in the same transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    pub subject: &'a str,
+    pub role: &'a str,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    name: String,
+    concurrency_limit: Option<i32>,
+    running: i64,
+}
+
+impl Row {
+    fn into_setting(self, tenant: TenantId) -> TenantConcurrency {
+        TenantConcurrency {
+            tenant,
+            name: self.name,
+            // The column's CHECK keeps it positive; a value above MAX written by hand in SQL
+            // still reads back as the limit the claims apply.
+            limit: self
+                .concurrency_limit
+                .and_then(|n| u32::try_from(n).ok())
+                .map(ConcurrencyLimit),
+            running: self.running,
+        }
+    }
+}
+
+const READ: &str = "SELECT t.name, t.concurrency_limit,
+        (SELECT count(*) FROM queue_jobs q WHERE q.tenant_id = t.id AND q.status = 'running')
+            AS running
+     FROM tenants t WHERE t.id = $1";
+
+impl Queue {
+    /// `None` when no such tenant exists.
+    pub async fn tenant_concurrency(
+        &self,
+        tenant: TenantId,
+    ) -> Result<Option<TenantConcurrency>, QueueError> {
+        let row: Option<Row> = sqlx::query_as(READ)
+            .bind(tenant.as_uuid())
+            .fetch_optional(self.pool())
+            .await
+            .ctx("read tenant concurrency")?;
+        Ok(row.map(|r| r.into_setting(tenant)))
+    }
+
+    /// Sets (or with `None` clears) a tenant's own limit and records who did it, from what to
+    /// what, in the audit log; both land or neither does. Setting the value it already has is
+    /// not a change and writes no audit row. `None` when no such tenant exists.
+    pub async fn set_tenant_concurrency(
+        &self,
+        tenant: TenantId,
+        limit: Option<ConcurrencyLimit>,
+        actor: Actor<'_>,
+    ) -> Result<Option<TenantConcurrency>, QueueError> {
+        let mut tx = self.pool().begin().await.ctx("begin tenant concurrency")?;
+        let before: Option<Option<i32>> =
+            sqlx::query_scalar("SELECT concurrency_limit FROM tenants WHERE id = $1 FOR UPDATE")
+                .bind(tenant.as_uuid())
+                .fetch_optional(&mut *tx)
+                .await
+                .ctx("lock tenant")?;
+        let Some(before) = before else {
+            return Ok(None);
+        };
+        let after = limit.map(|l| l.get() as i32);
+        if before != after {
+            sqlx::query("UPDATE tenants SET concurrency_limit = $2 WHERE id = $1")
+                .bind(tenant.as_uuid())
+                .bind(after)
+                .execute(&mut *tx)
+                .await
+                .ctx("set tenant concurrency")?;
+            let details = json!({
+                "role": actor.role,
+                "detail": { "from": before, "to": after },
+            });
+            sqlx::query(
+                "INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id, details)
+                 VALUES ($1, $2, 'tenant.concurrency_limit_set', 'tenant', $1::text, $3)",
+            )
+            .bind(tenant.as_uuid())
+            .bind(actor.subject)
+            .bind(&details)
+            .execute(&mut *tx)
+            .await
+            .ctx("audit tenant concurrency")?;
+        }
+        let row: Row = sqlx::query_as(READ)
+            .bind(tenant.as_uuid())
+            .fetch_one(&mut *tx)
+            .await
+            .ctx("read tenant concurrency")?;
+        tx.commit().await.ctx("commit tenant concurrency")?;
+        Ok(Some(row.into_setting(tenant)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_is_between_one_and_the_maximum() {
+        assert_eq!(ConcurrencyLimit::new(0), Err(InvalidConcurrencyLimit(0)));
+        assert_eq!(ConcurrencyLimit::new(1).map(ConcurrencyLimit::get), Ok(1));
+        assert_eq!(
+            ConcurrencyLimit::new(ConcurrencyLimit::MAX).map(ConcurrencyLimit::get),
+            Ok(ConcurrencyLimit::MAX)
+        );
+        let too_many = ConcurrencyLimit::new(ConcurrencyLimit::MAX + 1).unwrap_err();
+        assert_eq!(
+            too_many.to_string(),
+            "a tenant's concurrency limit must be between 1 and 1000, got 1001"
+        );
+    }
+}
