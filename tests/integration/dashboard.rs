@@ -559,6 +559,7 @@ async fn ops_set_a_tenants_concurrency_limit_and_the_next_claim_applies_it() {
     );
     let (_, body) = get(&app, &path_a, &ops).await;
     assert_eq!(body["running_jobs"], 1, "{body}");
+    assert_eq!(body["pending_jobs"], 2, "{body}");
 
     // Setting what is already set is not a change: no second audit row.
     let (s, _) = put(&app, &path_a, &ops, json!({ "concurrency_limit": 1 })).await;
@@ -816,6 +817,111 @@ fn csrf_in(page: &str) -> String {
         .expect("a CSRF field on the page");
     let rest = &page[at + r#"name="csrf" value=""#.len()..];
     rest[..rest.find('"').unwrap()].to_string()
+}
+
+#[tokio::test]
+async fn dashboard_tenants_page_shows_load_and_lets_ops_change_a_limit() {
+    let app = spawn_app().await;
+    let pool = &app.db.pool;
+    let ta = app.db.create_tenant("tenant-a").await;
+    let tb = app.db.create_tenant("tenant-b").await;
+    for status in ["running", "running", "pending"] {
+        JobRow {
+            status,
+            tenant: Some(ta),
+            ..JobRow::default()
+        }
+        .insert(pool)
+        .await;
+    }
+    let action = format!("/dashboard/tenants/{ta}/concurrency");
+
+    let mut dash = DashClient::new(&app);
+    dash.login(&app.token(tb, TestRole::Ops)).await;
+    let (s, page) = dash.get("/dashboard/tenants", None).await;
+    assert_eq!(s, 200);
+    let row_a = &page[page
+        .find(&format!(r#"data-tenant-id="{ta}""#))
+        .expect("tenant a")..];
+    let row_a = &row_a[..row_a.find("</tr>").unwrap()];
+    assert!(row_a.contains("tenant-a"), "{row_a}");
+    assert!(
+        row_a.contains(r#"<td class="num">2</td><td class="num">1</td>"#),
+        "2 running, 1 pending: {row_a}"
+    );
+    assert!(row_a.contains("default"), "{row_a}");
+    assert!(
+        page.find("tenant-a") < page.find("tenant-b"),
+        "the busiest tenant comes first"
+    );
+    let csrf = csrf_in(&page);
+
+    // Without the session's CSRF token nothing changes.
+    let resp = dash.post(&action, &[("limit", "2")]).await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(tenant_limit(pool, ta).await, None);
+
+    // A value that is not a limit is refused with what to enter instead.
+    for bad in ["two", "0", "1001", ""] {
+        let resp = dash.post(&action, &[("csrf", &csrf), ("limit", bad)]).await;
+        assert_eq!(resp.status(), 422, "{bad}");
+        let body = resp.text().await.unwrap();
+        assert!(
+            body.contains("1 and 1000") || body.contains("1 to 1000"),
+            "{bad}: {body}"
+        );
+    }
+    assert_eq!(tenant_limit(pool, ta).await, None);
+
+    let resp = dash.post(&action, &[("csrf", &csrf), ("limit", "2")]).await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/dashboard/tenants");
+    assert_eq!(tenant_limit(pool, ta).await, Some(2));
+    let flash = set_cookies(&resp)
+        .into_iter()
+        .find(|c| c.starts_with("gd_flash="))
+        .expect("a flash message");
+    let (_, page) = dash
+        .get("/dashboard/tenants", Some(flash.split(';').next().unwrap()))
+        .await;
+    assert!(
+        page.contains("Tenant tenant-a now uses its own limit of 2"),
+        "{page}"
+    );
+    assert!(page.contains("Use default"), "an override can be cleared");
+
+    let resp = dash
+        .post(&action, &[("csrf", &csrf), ("limit", ""), ("clear", "1")])
+        .await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(tenant_limit(pool, ta).await, None);
+    let actions: Vec<String> = audit_rows(pool)
+        .await
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "tenant.concurrency_limit_set",
+            "tenant.concurrency_limit_set"
+        ]
+    );
+
+    // An admin sees their own tenant only, without the forms, and cannot post one.
+    let mut admin = DashClient::new(&app);
+    admin.login(&app.token(ta, TestRole::Admin)).await;
+    let (s, page) = admin.get("/dashboard/tenants", None).await;
+    assert_eq!(s, 200);
+    assert!(page.contains("tenant-a"));
+    assert!(!page.contains("tenant-b"));
+    assert!(!page.contains("/concurrency"), "no change form for admins");
+    let admin_csrf = csrf_in(&page);
+    let resp = admin
+        .post(&action, &[("csrf", &admin_csrf), ("limit", "50")])
+        .await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(tenant_limit(pool, ta).await, None);
 }
 
 #[tokio::test]
@@ -1502,6 +1608,22 @@ async fn the_dashboard_works_in_a_real_browser() {
     assert!(flagged.contains("AADSTS700082"), "{flagged}");
     assert!(browser.text("#accounts").await.contains("1284"));
     browser.screenshot("accounts").await;
+
+    // Ops rein in a tenant from the tenants page.
+    browser.goto(&app, "/dashboard/tenants").await;
+    let row = format!("tr[data-tenant-id=\"{tenant}\"]");
+    browser
+        .type_into(&format!("{row} input[name=limit]"), "3")
+        .await;
+    browser.click(&format!("{row} button[type=submit]")).await;
+    assert!(
+        browser
+            .text("#flash")
+            .await
+            .contains("now uses its own limit of 3"),
+    );
+    assert_eq!(browser.text(&format!("{row} td.limit")).await, "3");
+    assert_eq!(tenant_limit(pool, tenant).await, Some(3));
 
     // Logging out and in again as an agent is refused.
     browser.click("header form button").await;

@@ -74,6 +74,8 @@ pub fn routes() -> impl Endpoint<Output = Response> {
         .at("/jobs/:id/retry", post(retry_job))
         .at("/jobs/:id/cancel", post(cancel_job))
         .at("/accounts", get(accounts_page))
+        .at("/tenants", get(tenants_page))
+        .at("/tenants/:id/concurrency", post(set_tenant_concurrency))
         .data(DashboardConfig::from_env())
         .map_to_response()
 }
@@ -451,7 +453,78 @@ async fn accounts_page(req: &Request, Data(state): Data<&AppState>) -> Response 
     }
 }
 
+#[handler]
+async fn tenants_page(req: &Request, Data(state): Data<&AppState>) -> Response {
+    let s = match session(req, state) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match service::tenant_concurrencies(state, &s.principal).await {
+        Ok(tenants) => page(&s, pages::tenants(&s, &tenants)),
+        Err(e) => error_response(&s, e),
+    }
+}
+
 // ---- actions ----
+
+#[derive(Deserialize)]
+struct ConcurrencyForm {
+    csrf: Option<String>,
+    /// A whole number from 1 to 1000; ignored with `clear`.
+    #[serde(default)]
+    limit: String,
+    /// Present when the "use the default" button was pressed.
+    clear: Option<String>,
+}
+
+#[handler]
+async fn set_tenant_concurrency(
+    req: &Request,
+    Data(state): Data<&AppState>,
+    Path(id): Path<String>,
+    Form(f): Form<ConcurrencyForm>,
+) -> Response {
+    let s = match session_for_post(req, state, f.csrf.as_deref()) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Ok(tenant) = id.parse::<TenantId>() else {
+        return error_response(&s, OpsError::NotFound("tenant"));
+    };
+    let limit = if f.clear.is_some() {
+        None
+    } else {
+        match f.limit.trim().parse::<u32>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return error_response(
+                    &s,
+                    OpsError::Invalid(format!(
+                        "`{}` is not a concurrency limit: enter a whole number from 1 to {}",
+                        f.limit.trim(),
+                        jobs::queue::ConcurrencyLimit::MAX
+                    )),
+                );
+            }
+        }
+    };
+    match service::set_tenant_concurrency(state, &s.principal, tenant, limit).await {
+        Ok(t) => {
+            let what = match t.limit {
+                Some(l) => format!("its own limit of {}", l.get()),
+                None => "the workers' default limit".to_string(),
+            };
+            redirect(
+                "/dashboard/tenants",
+                Some(&format!(
+                    "Tenant {} now uses {what}; the next claim applies it.",
+                    t.name
+                )),
+            )
+        }
+        Err(e) => error_response(&s, e),
+    }
+}
 
 #[handler]
 async fn retry_job(

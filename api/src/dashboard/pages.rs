@@ -2,7 +2,10 @@
 //! and mailbox names cannot inject markup; the only `PreEscaped` content is the static CSS.
 
 use chrono::{DateTime, Utc};
-use jobs::queue::{AccountHealth, JobRecord, ThroughputBucket};
+use jobs::queue::{
+    AccountHealth, ConcurrencyLimit, JobRecord, TENANT_LIST_MAX, TenantConcurrency,
+    ThroughputBucket,
+};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::service::{self, Overview};
@@ -74,6 +77,7 @@ fn layout(s: Option<&Session>, title: &str, body: Markup) -> Markup {
                         a href="/dashboard" { "Overview" }
                         a href="/dashboard/jobs" { "Jobs" }
                         a href="/dashboard/accounts" { "Accounts" }
+                        a href="/dashboard/tenants" { "Tenants" }
                         span.who {
                             span #who { (s.principal.subject) " · " (s.principal.role.as_str())
                                 @if s.principal.role == Role::Admin { " · tenant " (s.principal.tenant) } }
@@ -400,6 +404,62 @@ pub fn accounts(s: &Session, accounts: &[AccountHealth]) -> Markup {
                     }
                     @if accounts.is_empty() { tr { td.muted colspan="11" { "No mailboxes connected." } } }
                 }
+            }
+        },
+    )
+}
+
+pub fn tenants(s: &Session, tenants: &[TenantConcurrency]) -> Markup {
+    let ops = s.principal.role == Role::Ops;
+    layout(
+        Some(s),
+        "Tenants",
+        html! {
+            h1 { "Tenants" }
+            p.muted {
+                "How many of each tenant's jobs may run at once across every worker. Without a limit of its own a tenant gets the workers' default (WORKER_TENANT_CONCURRENCY). A change applies from the next claim; running jobs are not interrupted."
+                @if !ops { " Only the ops role can change a limit." }
+            }
+            table #tenants {
+                thead { tr {
+                    th { "Tenant" } th { "Id" } th.num { "Running" } th.num { "Pending" }
+                    th { "Limit" }
+                    @if ops { th { "Change" } }
+                } }
+                tbody {
+                    @for t in tenants {
+                        tr data-tenant-id=(t.tenant) {
+                            td { (t.name) }
+                            td.muted title=(t.tenant) { (short_uuid(t.tenant.as_uuid())) }
+                            td.num { (t.running) }
+                            td.num { (t.pending) }
+                            td.limit { @match t.limit {
+                                Some(l) => (l.get()),
+                                None => span.muted { "default" },
+                            } }
+                            @if ops { td {
+                                form.inline method="post" action={ "/dashboard/tenants/" (t.tenant) "/concurrency" } {
+                                    input type="hidden" name="csrf" value=(s.csrf);
+                                    input type="number" name="limit" min="1" max=(ConcurrencyLimit::MAX) required
+                                        value=[t.limit.map(ConcurrencyLimit::get)] style="width:6em" aria-label={ "Limit for " (t.name) };
+                                    " "
+                                    button.quiet type="submit" { "Set" }
+                                }
+                                @if t.limit.is_some() {
+                                    " "
+                                    form.inline method="post" action={ "/dashboard/tenants/" (t.tenant) "/concurrency" } {
+                                        input type="hidden" name="csrf" value=(s.csrf);
+                                        button.quiet type="submit" name="clear" value="1" { "Use default" }
+                                    }
+                                }
+                            } }
+                        }
+                    }
+                    @if tenants.is_empty() { tr { td.muted colspan="6" { "No tenants." } } }
+                }
+            }
+            @if tenants.len() >= TENANT_LIST_MAX {
+                p.muted { "Showing the " (TENANT_LIST_MAX) " busiest tenants." }
             }
         },
     )

@@ -187,6 +187,14 @@ pub async fn tenant_concurrency(
         .ok_or(OpsError::NotFound("tenant"))
 }
 
+/// Every tenant's concurrency setting and load, busiest first: ops see all, admins their own.
+pub async fn tenant_concurrencies(
+    state: &AppState,
+    p: &Principal,
+) -> Result<Vec<TenantConcurrency>, OpsError> {
+    Ok(state.queue.tenant_concurrencies(scope(p)?).await?)
+}
+
 /// Sets or clears a tenant's own concurrency limit. Ops only: a tenant's limit is its share
 /// of workers every tenant uses, so its own admin may not raise it.
 pub async fn set_tenant_concurrency(

@@ -86,6 +86,8 @@ pub struct TenantConcurrencyView {
     pub concurrency_limit: Option<u32>,
     /// The tenant's jobs running now, on every worker.
     pub running_jobs: i64,
+    /// The tenant's jobs waiting to run, due or not.
+    pub pending_jobs: i64,
 }
 
 impl From<TenantConcurrency> for TenantConcurrencyView {
@@ -95,6 +97,7 @@ impl From<TenantConcurrency> for TenantConcurrencyView {
             name: t.name,
             concurrency_limit: t.limit.map(ConcurrencyLimit::get),
             running_jobs: t.running,
+            pending_jobs: t.pending,
         }
     }
 }

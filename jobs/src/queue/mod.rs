@@ -24,7 +24,9 @@ pub use dashboard_queries::{
 pub use error::{JobError, QueueError};
 pub use ops::{JobFilter, JobRecord, JobStats, JobStatus};
 pub use retry::RetryPolicy;
-pub use tenant_limits::{Actor, ConcurrencyLimit, InvalidConcurrencyLimit, TenantConcurrency};
+pub use tenant_limits::{
+    Actor, ConcurrencyLimit, InvalidConcurrencyLimit, TENANT_LIST_MAX, TenantConcurrency,
+};
 
 use crate::ids::{AccountId, JobId, TenantId};
 use error::DbContext;

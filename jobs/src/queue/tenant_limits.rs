@@ -50,6 +50,8 @@ pub struct TenantConcurrency {
     pub limit: Option<ConcurrencyLimit>,
     /// The tenant's jobs running now, on every worker.
     pub running: i64,
+    /// The tenant's jobs waiting, due or not.
+    pub pending: i64,
 }
 
 /// Who changed a setting, for the audit row written in the same transaction.
@@ -61,31 +63,44 @@ pub struct Actor<'a> {
 
 #[derive(sqlx::FromRow)]
 struct Row {
+    id: uuid::Uuid,
     name: String,
     concurrency_limit: Option<i32>,
     running: i64,
+    pending: i64,
 }
 
-impl Row {
-    fn into_setting(self, tenant: TenantId) -> TenantConcurrency {
-        TenantConcurrency {
-            tenant,
-            name: self.name,
+impl From<Row> for TenantConcurrency {
+    fn from(row: Row) -> Self {
+        Self {
+            tenant: TenantId::from_uuid(row.id),
+            name: row.name,
             // The column's CHECK keeps it positive; a value above MAX written by hand in SQL
             // still reads back as the limit the claims apply.
-            limit: self
+            limit: row
                 .concurrency_limit
                 .and_then(|n| u32::try_from(n).ok())
                 .map(ConcurrencyLimit),
-            running: self.running,
+            running: row.running,
+            pending: row.pending,
         }
     }
 }
 
-const READ: &str = "SELECT t.name, t.concurrency_limit,
+/// Every tenant (or the one in $1), busiest first. The counts come from the (tenant_id,
+/// status, queue) index, so a tenant with a long history costs no more than its live jobs.
+const READ: &str = "SELECT t.id, t.name, t.concurrency_limit,
         (SELECT count(*) FROM queue_jobs q WHERE q.tenant_id = t.id AND q.status = 'running')
-            AS running
-     FROM tenants t WHERE t.id = $1";
+            AS running,
+        (SELECT count(*) FROM queue_jobs q WHERE q.tenant_id = t.id AND q.status = 'pending')
+            AS pending
+     FROM tenants t WHERE $1::uuid IS NULL OR t.id = $1
+     ORDER BY running DESC, pending DESC, t.name, t.id
+     LIMIT $2";
+
+/// The most tenants [`Queue::tenant_concurrencies`] returns: the busiest, which are the ones
+/// whose limits matter; a page of thousands of idle tenants helps nobody at 3 a.m.
+pub const TENANT_LIST_MAX: usize = 500;
 
 impl Queue {
     /// `None` when no such tenant exists.
@@ -93,12 +108,22 @@ impl Queue {
         &self,
         tenant: TenantId,
     ) -> Result<Option<TenantConcurrency>, QueueError> {
-        let row: Option<Row> = sqlx::query_as(READ)
-            .bind(tenant.as_uuid())
-            .fetch_optional(self.pool())
+        Ok(self.tenant_concurrencies(Some(tenant)).await?.pop())
+    }
+
+    /// Every tenant's setting and load (or only `only`'s), busiest first, at most
+    /// [`TENANT_LIST_MAX`].
+    pub async fn tenant_concurrencies(
+        &self,
+        only: Option<TenantId>,
+    ) -> Result<Vec<TenantConcurrency>, QueueError> {
+        let rows: Vec<Row> = sqlx::query_as(READ)
+            .bind(only.map(|t| t.as_uuid()))
+            .bind(TENANT_LIST_MAX as i64)
+            .fetch_all(self.pool())
             .await
             .ctx("read tenant concurrency")?;
-        Ok(row.map(|r| r.into_setting(tenant)))
+        Ok(rows.into_iter().map(Into::into).collect())
     }
 
     /// Sets (or with `None` clears) a tenant's own limit and records who did it, from what to
@@ -145,11 +170,12 @@ impl Queue {
         }
         let row: Row = sqlx::query_as(READ)
             .bind(tenant.as_uuid())
+            .bind(1_i64)
             .fetch_one(&mut *tx)
             .await
             .ctx("read tenant concurrency")?;
         tx.commit().await.ctx("commit tenant concurrency")?;
-        Ok(Some(row.into_setting(tenant)))
+        Ok(Some(row.into()))
     }
 }
 
