@@ -1057,6 +1057,50 @@ async fn a_completion_held_back_by_a_locked_row_lands_once_the_row_is_free() {
     assert_eq!(ran, 1, "the job ran once");
 }
 
+/// The same at shutdown: a completion waiting for a held row when the worker is told to stop
+/// still lands once the row is free, instead of being dropped with the flusher, which left the
+/// job running until its lease expired and then ran it a second time.
+#[tokio::test]
+async fn a_completion_held_back_at_shutdown_still_lands() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let mut worker = spawn_worker(&db, opts(|q| q.lease = Duration::from_secs(30))).await;
+    let probe = Probe {
+        sleep_ms: 500,
+        record: true,
+        ..Probe::default()
+    };
+    let id = queue
+        .enqueue(&probe, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    wait_status(&queue, id, "running", Duration::from_secs(10)).await;
+    let holder = hold_row(&db, id.get()).await;
+    // The handler records its run as it returns; its completion then meets the held row.
+    wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM queue_probe_runs",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    worker.signal(Signal::SIGTERM);
+    // Long enough for the worker to stop taking completions; the row is still held.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(job(&queue, id).await.status, "running");
+    holder.commit().await.unwrap();
+    let exit = worker.wait_exit(Duration::from_secs(20)).await;
+    assert!(exit.success(), "{exit:?}");
+    let j = job(&queue, id).await;
+    assert_eq!(
+        j.status, "done",
+        "the completion landed before the worker exited"
+    );
+    assert_eq!(j.attempts, 1);
+}
+
 /// Claims must stay index lookups once the queue has fresh statistics, as autovacuum takes
 /// them on any real server. On an analyzed queue of 20,000 pending jobs over 100 tenants, 75
 /// of them at their limit, the limited claim joined its picked ids by a nested loop over a

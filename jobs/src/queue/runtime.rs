@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -773,15 +773,52 @@ async fn flush_loop(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Completio
             }
         }
         let inner = inner.clone();
-        flushes.spawn(async move {
-            flush_with_retry(&inner, batch).await;
-            drop(slot);
-        });
+        flushes.spawn(async move { flush_with_retry(&inner, batch, slot).await });
     }
     while flushes.join_next().await.is_some() {}
 }
 
-async fn flush_with_retry(inner: &Inner, batch: Vec<Completion>) {
+/// How long a flush task keeps re-sending completions whose rows are held elsewhere once
+/// shutdown has begun; after that the leases hand those jobs on (they run again).
+const HELD_AT_SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// `slot` is this flush's place among the [`flush_loop`]'s concurrent flushes; it is given
+/// up while the task waits for held rows, so a held row never slows other completions.
+async fn flush_with_retry(inner: &Inner, mut batch: Vec<Completion>, slot: OwnedSemaphorePermit) {
+    let mut slot = Some(slot);
+    let mut held_since_shutdown: Option<std::time::Instant> = None;
+    loop {
+        let again = flush_once(inner, batch).await;
+        drop(slot.take());
+        if again.is_empty() {
+            return;
+        }
+        // Held by a claim or an ops action for a moment: the jobs stay in flight (their leases
+        // renewed) and go out again from this task, after a pause so that a row held for
+        // longer is not retried in a tight loop. Staying in this task (not a detached one)
+        // matters at shutdown: the flusher waits for its tasks, so these completions still
+        // land instead of being dropped with the channel.
+        debug!(
+            jobs = again.len(),
+            "completions wait for rows held elsewhere"
+        );
+        if inner.stop_background.is_cancelled() {
+            let since = *held_since_shutdown.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= HELD_AT_SHUTDOWN {
+                let ids: Vec<i64> = again.iter().map(|c| c.id).collect();
+                warn!(jobs = ?ids, "rows still held at shutdown; their leases will hand these jobs on");
+                forget(inner, &ids);
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        batch = again;
+    }
+}
+
+/// Writes one batch, retrying failed statements; returns the completions whose rows were held
+/// elsewhere, still in flight, for the caller to send again.
+async fn flush_once(inner: &Inner, batch: Vec<Completion>) -> Vec<Completion> {
     let mut failures = 0u32;
     let outcome = loop {
         match flush(&inner.pool, &batch).await {
@@ -801,7 +838,7 @@ async fn flush_with_retry(inner: &Inner, batch: Vec<Completion>) {
     let Some(outcome) = outcome else {
         let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
         forget(inner, &ids);
-        return;
+        return Vec::new();
     };
     let mut applied = std::collections::HashSet::new();
     let mut held = std::collections::HashSet::new();
@@ -832,24 +869,7 @@ async fn flush_with_retry(inner: &Inner, batch: Vec<Completion>) {
     }
     let settled: Vec<i64> = settled.iter().map(|c| c.id).collect();
     forget(inner, &settled);
-    if !again.is_empty() {
-        // Held by a claim or an ops action for a moment: the jobs stay in flight (their leases
-        // renewed) and go out with a later flush, after a pause so that a row held for longer
-        // is not retried in a tight loop.
-        debug!(
-            jobs = again.len(),
-            "completions wait for rows held elsewhere"
-        );
-        let sender = inner.completions.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            for c in again {
-                // Fails only once the flusher has stopped at shutdown; the lease then hands
-                // the job on.
-                let _ = sender.send(c);
-            }
-        });
-    }
+    again
 }
 
 async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<(i64, bool)>, QueueError> {
