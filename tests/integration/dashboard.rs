@@ -195,15 +195,42 @@ fn ids(page: &Value) -> HashSet<i64> {
         .collect()
 }
 
-#[tokio::test]
-async fn ops_api_applies_role_rules_and_audits_every_action() {
+/// Tenants a and b, with an ops token (issued in b: ops act on every tenant) and a's admin
+/// and agent tokens.
+struct TwoTenants {
+    app: TestApp,
+    ta: TenantId,
+    tb: TenantId,
+    ops: String,
+    admin_a: String,
+    agent_a: String,
+}
+
+async fn two_tenants() -> TwoTenants {
     let app = spawn_app().await;
-    let pool = &app.db.pool;
     let ta = app.db.create_tenant("tenant-a").await;
     let tb = app.db.create_tenant("tenant-b").await;
-    let ops = app.token(tb, TestRole::Ops);
-    let admin_a = app.token(ta, TestRole::Admin);
-    let agent_a = app.token(ta, TestRole::Agent);
+    TwoTenants {
+        ops: app.token(tb, TestRole::Ops),
+        admin_a: app.token(ta, TestRole::Admin),
+        agent_a: app.token(ta, TestRole::Agent),
+        app,
+        ta,
+        tb,
+    }
+}
+
+#[tokio::test]
+async fn ops_api_applies_role_rules_and_audits_every_action() {
+    let TwoTenants {
+        app,
+        ta,
+        tb,
+        ops,
+        admin_a,
+        agent_a,
+    } = two_tenants().await;
+    let pool = &app.db.pool;
 
     let dead_a = JobRow {
         payload: json!({ "marker": "m", "access_token": "plain-secret", "nested": { "password": "p" } }),
@@ -480,13 +507,15 @@ async fn claim_with_default_limit_4(pool: &PgPool) -> usize {
 
 #[tokio::test]
 async fn ops_set_a_tenants_concurrency_limit_and_the_next_claim_applies_it() {
-    let app = spawn_app().await;
+    let TwoTenants {
+        app,
+        ta,
+        tb,
+        ops,
+        admin_a,
+        agent_a,
+    } = two_tenants().await;
     let pool = &app.db.pool;
-    let ta = app.db.create_tenant("tenant-a").await;
-    let tb = app.db.create_tenant("tenant-b").await;
-    let ops = app.token(tb, TestRole::Ops);
-    let admin_a = app.token(ta, TestRole::Admin);
-    let agent_a = app.token(ta, TestRole::Agent);
     let path_a = format!("/api/v1/tenants/{ta}/concurrency");
 
     // Reading: ops any tenant, admins their own, agents nothing.

@@ -339,13 +339,8 @@ impl OpsApi {
         tenant_id: Path<Uuid>,
         body: Json<SetConcurrencyRequest>,
     ) -> ApiResult<Json<TenantConcurrencyView>> {
-        let tenant = TenantId::from_uuid(tenant_id.0);
-        let limit = Some(body.0.concurrency_limit);
-        Ok(Json(
-            service::set_tenant_concurrency(&self.state, &auth.0, tenant, limit)
-                .await?
-                .into(),
-        ))
+        self.set_concurrency(&auth, tenant_id.0, Some(body.0.concurrency_limit))
+            .await
     }
 
     /// Clears a tenant's own concurrency limit, so the workers' default applies again (ops
@@ -356,12 +351,7 @@ impl OpsApi {
         auth: BearerAuth,
         tenant_id: Path<Uuid>,
     ) -> ApiResult<Json<TenantConcurrencyView>> {
-        let tenant = TenantId::from_uuid(tenant_id.0);
-        Ok(Json(
-            service::set_tenant_concurrency(&self.state, &auth.0, tenant, None)
-                .await?
-                .into(),
-        ))
+        self.set_concurrency(&auth, tenant_id.0, None).await
     }
 
     /// Every mailbox's sync and token health, worst first.
@@ -369,6 +359,22 @@ impl OpsApi {
     async fn accounts(&self, auth: BearerAuth) -> ApiResult<Json<Vec<AccountHealthView>>> {
         let accounts = service::accounts(&self.state, &auth.0).await?;
         Ok(Json(accounts.into_iter().map(Into::into).collect()))
+    }
+}
+
+impl OpsApi {
+    async fn set_concurrency(
+        &self,
+        auth: &BearerAuth,
+        tenant_id: Uuid,
+        limit: Option<u32>,
+    ) -> ApiResult<Json<TenantConcurrencyView>> {
+        let tenant = TenantId::from_uuid(tenant_id);
+        Ok(Json(
+            service::set_tenant_concurrency(&self.state, &auth.0, tenant, limit)
+                .await?
+                .into(),
+        ))
     }
 }
 
