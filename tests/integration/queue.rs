@@ -1018,15 +1018,22 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
     assert_eq!(statuses, vec!["running", "done", "pending"]);
 }
 
-/// A job whose completion met its row held elsewhere stays in flight and completes once the
-/// row is free: once, without waiting for its lease to expire.
-#[tokio::test]
-async fn a_completion_held_back_by_a_locked_row_lands_once_the_row_is_free() {
+/// A recorded probe of `sleep_ms` running on one worker (leases of 30 s), its row held by
+/// `holder`'s open transaction.
+struct HeldProbe {
+    db: TestDb,
+    queue: Queue,
+    worker: graphdesk_tests::WorkerProcess,
+    id: JobId,
+    holder: sqlx::Transaction<'static, sqlx::Postgres>,
+}
+
+async fn held_running_probe(sleep_ms: u64) -> HeldProbe {
     let db = TestDb::new().await;
     let queue = Queue::new(db.pool.clone());
-    let _w = spawn_worker(&db, opts(|q| q.lease = Duration::from_secs(30))).await;
+    let worker = spawn_worker(&db, opts(|q| q.lease = Duration::from_secs(30))).await;
     let probe = Probe {
-        sleep_ms: 1_000,
+        sleep_ms,
         record: true,
         ..Probe::default()
     };
@@ -1037,6 +1044,26 @@ async fn a_completion_held_back_by_a_locked_row_lands_once_the_row_is_free() {
         .id;
     wait_status(&queue, id, "running", Duration::from_secs(10)).await;
     let holder = hold_row(&db, id.get()).await;
+    HeldProbe {
+        db,
+        queue,
+        worker,
+        id,
+        holder,
+    }
+}
+
+/// A job whose completion met its row held elsewhere stays in flight and completes once the
+/// row is free: once, without waiting for its lease to expire.
+#[tokio::test]
+async fn a_completion_held_back_by_a_locked_row_lands_once_the_row_is_free() {
+    let HeldProbe {
+        db,
+        queue,
+        worker: _worker,
+        id,
+        holder,
+    } = held_running_probe(1_000).await;
     // The handler finishes while the row is held; its completion cannot land yet.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let ran: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_probe_runs WHERE job_id = $1")
@@ -1062,21 +1089,13 @@ async fn a_completion_held_back_by_a_locked_row_lands_once_the_row_is_free() {
 /// job running until its lease expired and then ran it a second time.
 #[tokio::test]
 async fn a_completion_held_back_at_shutdown_still_lands() {
-    let db = TestDb::new().await;
-    let queue = Queue::new(db.pool.clone());
-    let mut worker = spawn_worker(&db, opts(|q| q.lease = Duration::from_secs(30))).await;
-    let probe = Probe {
-        sleep_ms: 500,
-        record: true,
-        ..Probe::default()
-    };
-    let id = queue
-        .enqueue(&probe, EnqueueOptions::default())
-        .await
-        .unwrap()
-        .id;
-    wait_status(&queue, id, "running", Duration::from_secs(10)).await;
-    let holder = hold_row(&db, id.get()).await;
+    let HeldProbe {
+        db,
+        queue,
+        mut worker,
+        id,
+        holder,
+    } = held_running_probe(500).await;
     // The handler records its run as it returns; its completion then meets the held row.
     wait_for_count(
         &db.pool,
