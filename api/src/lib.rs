@@ -2,6 +2,7 @@
 //! nothing here decides business rules.
 
 pub mod auth;
+pub mod body;
 pub mod dashboard;
 pub mod error;
 pub mod metrics;

@@ -535,20 +535,25 @@ async fn ops_set_a_tenants_concurrency_limit_and_the_next_claim_applies_it() {
     // Changing: ops only, and a whole number from 1 to 1000.
     let (s, _) = put(&app, &path_a, &admin_a, json!({ "concurrency_limit": 9 })).await;
     assert_eq!(s, 403, "a tenant's admin may not raise its own share");
-    for bad in [
-        json!({ "concurrency_limit": 0 }),
-        json!({ "concurrency_limit": 1001 }),
-        json!({ "concurrency_limit": "two" }),
-        json!({ "concurrency_limit": null }),
-        json!({}),
+    // Each error names the field and says what it must be.
+    for (bad, says) in [
+        (json!({ "concurrency_limit": 0 }), "concurrency_limit"),
+        (json!({ "concurrency_limit": 1001 }), "concurrency_limit"),
+        (
+            json!({ "concurrency_limit": "two" }),
+            "field `concurrency_limit`: expected an integer (uint32), found the string \"two\"",
+        ),
+        (
+            json!({ "concurrency_limit": null }),
+            "field `concurrency_limit` may not be null",
+        ),
+        (json!({}), "field `concurrency_limit` is missing"),
     ] {
         let (s, body) = put(&app, &path_a, &ops, bad.clone()).await;
         assert_eq!(s, 400, "{bad}: {body}");
         assert!(
-            body["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("concurrency_limit") || m.contains("integer")),
-            "the error says what to fix: {body}"
+            body["message"].as_str().is_some_and(|m| m.contains(says)),
+            "{bad}: the error should say `{says}`: {body}"
         );
     }
     let (s, _) = call(&app, reqwest::Method::DELETE, &path_a, &admin_a, None).await;

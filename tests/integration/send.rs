@@ -249,19 +249,45 @@ async fn the_same_idempotency_key_posted_50_times_at_once_is_one_send() {
 async fn bad_reply_requests_are_refused_and_store_nothing() {
     let w = world().await;
     let cases = [
-        (serde_json::json!({ "body_html": "" }), "reply-empty", 422),
+        (
+            serde_json::json!({ "body_html": "" }),
+            "reply-empty",
+            422,
+            "body_html",
+        ),
         (
             serde_json::json!({ "body_html": "x", "to": ["not an address"] }),
             "reply-bad-to",
             422,
+            "to: ",
         ),
         (
             serde_json::json!({ "body_html": "x".repeat(300_000) }),
             "reply-huge",
             422,
+            "body_html",
+        ),
+        // Shape errors name the field, wherever it sits in the body.
+        (
+            serde_json::json!({ "to": ["a@example.com"] }),
+            "reply-no-body",
+            400,
+            "field `body_html` is missing",
+        ),
+        (
+            serde_json::json!({ "body_html": "x", "cc": ["a@example.com", {}] }),
+            "reply-cc-object",
+            400,
+            "field `cc[1]`: expected a string, found an object",
+        ),
+        (
+            serde_json::json!({ "body_html": ["x"] }),
+            "reply-body-array",
+            400,
+            "field `body_html`: expected a string, found an array",
         ),
     ];
-    for (body, key, status) in cases {
+    for (body, key, status, says) in cases {
         let resp = w
             .app
             .client
@@ -273,6 +299,11 @@ async fn bad_reply_requests_are_refused_and_store_nothing() {
             .await
             .unwrap();
         assert_eq!(resp.status().as_u16(), status, "{key}");
+        let error: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            error["message"].as_str().is_some_and(|m| m.contains(says)),
+            "{key}: the error should say `{says}`: {error}"
+        );
     }
     let missing_key = w
         .app

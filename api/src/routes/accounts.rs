@@ -1,3 +1,4 @@
+use crate::body::JsonBody;
 use jobs::ids::{AccountId, TenantId};
 use jobs::kinds::{RefreshToken, SyncMailbox, ValidateAccount};
 use jobs::queue::EnqueueOptions;
@@ -262,7 +263,7 @@ impl AccountsApi {
         &self,
         auth: BearerAuth,
         account_id: Path<String>,
-        body: Json<SyncRequest>,
+        body: JsonBody<SyncRequest>,
     ) -> ApiResult<Accepted> {
         require_admin(&auth)?;
         let account = self

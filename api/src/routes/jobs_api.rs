@@ -1,3 +1,4 @@
+use crate::body::JsonBody;
 use chrono::{DateTime, Utc};
 use jobs::ids::JobId;
 use jobs::kinds::Probe;
@@ -101,7 +102,7 @@ impl JobsApi {
 
     /// Enqueues a diagnostic probe job to check the pipeline end to end (ops only).
     #[oai(path = "/ops/probe", method = "post")]
-    async fn probe(&self, auth: BearerAuth, body: Json<ProbeRequest>) -> ApiResult<Accepted> {
+    async fn probe(&self, auth: BearerAuth, body: JsonBody<ProbeRequest>) -> ApiResult<Accepted> {
         if !auth.0.is_ops() {
             return Err(ApiError::forbidden("only the ops role may enqueue probes"));
         }

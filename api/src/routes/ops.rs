@@ -1,6 +1,7 @@
 //! The ops API: what the dashboard shows and does, as JSON. Ops see every tenant, admins
 //! their own, agents nothing; every action writes an audit row.
 
+use crate::body::JsonBody;
 use chrono::{DateTime, Utc};
 use jobs::ids::{AccountId, TenantId};
 use jobs::queue::{
@@ -283,7 +284,7 @@ impl OpsApi {
     async fn bulk_retry(
         &self,
         auth: BearerAuth,
-        body: Json<RetryFilter>,
+        body: JsonBody<RetryFilter>,
     ) -> ApiResult<Json<Affected>> {
         let count = service::bulk_retry(&self.state, &auth.0, filter_from(body.0)).await?;
         Ok(Json(Affected { count }))
@@ -291,7 +292,11 @@ impl OpsApi {
 
     /// Deletes finished jobs older than N days (ops only: it spans every tenant).
     #[oai(path = "/jobs/purge", method = "post")]
-    async fn purge(&self, auth: BearerAuth, body: Json<PurgeRequest>) -> ApiResult<Json<Affected>> {
+    async fn purge(
+        &self,
+        auth: BearerAuth,
+        body: JsonBody<PurgeRequest>,
+    ) -> ApiResult<Json<Affected>> {
         let count = service::purge(&self.state, &auth.0, body.older_than_days).await?;
         Ok(Json(Affected { count }))
     }
@@ -337,7 +342,7 @@ impl OpsApi {
         &self,
         auth: BearerAuth,
         tenant_id: Path<Uuid>,
-        body: Json<SetConcurrencyRequest>,
+        body: JsonBody<SetConcurrencyRequest>,
     ) -> ApiResult<Json<TenantConcurrencyView>> {
         self.set_concurrency(&auth, tenant_id.0, Some(body.0.concurrency_limit))
             .await

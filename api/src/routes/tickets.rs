@@ -1,3 +1,4 @@
+use crate::body::JsonBody;
 use jobs::ids::{EmailAddress, IdempotencyKey, TicketId};
 use jobs::sends::{NewReply, SendError, create_send};
 use poem_openapi::{
@@ -228,7 +229,7 @@ impl TicketsApi {
         /// A client-chosen key (1–128 visible ASCII characters) that makes retries safe.
         #[oai(name = "Idempotency-Key")]
         idempotency_key: Header<String>,
-        body: Json<ReplyRequest>,
+        body: JsonBody<ReplyRequest>,
     ) -> ApiResult<ReplyResponse> {
         let key = IdempotencyKey::try_from(idempotency_key.0)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
