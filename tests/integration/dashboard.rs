@@ -1658,6 +1658,7 @@ async fn the_dashboard_works_in_a_real_browser() {
     );
     assert_eq!(browser.text(&format!("{row} td.limit")).await, "3");
     assert_eq!(tenant_limit(pool, tenant).await, Some(3));
+    browser.screenshot("tenants").await;
 
     // Logging out and in again as an agent is refused.
     browser.click("header form button").await;
