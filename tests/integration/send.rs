@@ -472,6 +472,69 @@ async fn a_429_storm_delays_but_never_duplicates_a_send() {
 }
 
 #[tokio::test]
+async fn a_reply_waits_out_a_busy_mailbox_without_spending_its_attempts() {
+    let w = world().await;
+    // A crashed worker's requests: every one of the mailbox's 4 request slots is held, and the
+    // leases are far from over.
+    sqlx::query(
+        "INSERT INTO graph_mailbox_slots (email_account_id, slot, holder, expires_at)
+         SELECT $1, s, gen_random_uuid(), now() + interval '1 hour' FROM generate_series(1, 4) s
+         ON CONFLICT (email_account_id, slot)
+         DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+    )
+    .bind(w.account.as_uuid())
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    let send = w.new_send("busy").await;
+    let _worker = w.worker().await;
+    let job = |pool: sqlx::PgPool| async move {
+        sqlx::query_as::<_, (i32, serde_json::Value)>(
+            "SELECT attempts, errors FROM queue_jobs WHERE queue = 'graphdesk.send_reply'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    // Each try waits a few seconds for a slot, then gives the mailbox time; twice is enough to
+    // see that waiting is not failing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let errors = loop {
+        let (_, errors) = job(w.app.db.pool.clone()).await;
+        if errors.as_array().is_some_and(|e| e.len() >= 2) {
+            break errors;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job did not try twice: {errors}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for entry in errors.as_array().unwrap() {
+        assert_eq!(entry["kind"], "deferred", "{errors}");
+        assert!(
+            entry["error"].as_str().unwrap().contains("mailbox is busy"),
+            "{errors}"
+        );
+    }
+    assert_eq!(
+        w.sends_of("Answer busy"),
+        0,
+        "nothing left while the mailbox was full"
+    );
+
+    // The crashed holder's leases end; the reply goes out once, on its first counted attempt.
+    sqlx::query("UPDATE graph_mailbox_slots SET expires_at = now() - interval '1 second'")
+        .execute(&w.app.db.pool)
+        .await
+        .unwrap();
+    w.wait_send(&send.to_string(), "confirmed").await;
+    assert_eq!(w.sends_of("Answer busy"), 1);
+    let (attempts, _) = job(w.app.db.pool.clone()).await;
+    assert_eq!(attempts, 1, "the waits spent no attempts");
+}
+
+#[tokio::test]
 async fn a_rejected_recipient_fails_the_send_with_a_reason() {
     let w = world().await;
     let resp = w

@@ -18,6 +18,9 @@ use serde::Deserialize;
 pub enum ErrorClass {
     /// Try again later; `after` is the server's Retry-After when it gave one.
     Retryable { after: Option<Duration> },
+    /// Our own per-mailbox limit (concurrent requests, request budget) says wait `after`.
+    /// Nothing failed: the job waits without spending an attempt, however often it waits.
+    Busy { after: Duration },
     /// The request itself is wrong or not allowed; retrying gives the same answer.
     Permanent,
     /// The account's grant is gone (revoked, expired, MFA, consent): a human must reconnect.
@@ -471,6 +474,9 @@ impl TokenSourceError {
     }
 }
 
+/// How long to wait for a busy mailbox when the gate names no time.
+const BUSY_RETRY: Duration = Duration::from_secs(2);
+
 /// Why a [`RequestGate`](super::RequestGate) did not admit a request.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
@@ -486,8 +492,8 @@ impl GateError {
     #[must_use]
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::Busy { retry_after } => ErrorClass::Retryable {
-                after: *retry_after,
+            Self::Busy { retry_after } => ErrorClass::Busy {
+                after: retry_after.unwrap_or(BUSY_RETRY),
             },
             Self::Failed(_) => ErrorClass::Retryable { after: None },
         }
@@ -524,6 +530,7 @@ impl fmt::Display for ErrorClass {
                 write!(f, "retryable after {:.3}s", d.as_secs_f64())
             }
             Self::Retryable { after: None } => f.write_str("retryable"),
+            Self::Busy { after } => write!(f, "busy for {:.3}s", after.as_secs_f64()),
             Self::Permanent => f.write_str("permanent"),
             Self::NeedsReauth => f.write_str("needs reauthorization"),
             Self::Configuration => f.write_str("configuration error"),
