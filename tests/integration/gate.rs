@@ -100,6 +100,39 @@ async fn the_eleventh_request_of_a_ten_request_budget_is_refused_until_the_windo
 }
 
 #[tokio::test]
+async fn a_request_refused_for_want_of_a_slot_spends_none_of_the_budget() {
+    let db = TestDb::new().await;
+    let (a, b) = two_processes(&db).await;
+    let account = AccountId::new();
+    // One slot and a budget of two requests.
+    let first = PgMailboxGate::new(a, account, 1, 2);
+    let waiting = PgMailboxGate::new(b, account, 1, 2);
+    let held = first.acquire().await.expect("the first request");
+    match waiting.acquire().await {
+        Err(GateError::Busy { .. }) => {}
+        Err(e) => panic!("expected Busy while the only slot is held, got {e}"),
+        Ok(_) => panic!("the only slot was handed out twice"),
+    }
+    drop(held);
+    // The refusal sent nothing to Microsoft, so the second request of the budget is still
+    // there (jobs waiting on a busy mailbox must not use its budget up).
+    let second = waiting.acquire().await;
+    assert!(
+        second.is_ok(),
+        "the budget's second request: {:?}",
+        second.err()
+    );
+    let spent: i32 = sqlx::query_scalar(
+        "SELECT sum(requests)::int FROM graph_mailbox_budget WHERE email_account_id = $1",
+    )
+    .bind(account.as_uuid())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(spent, 2, "two requests made, two spent");
+}
+
+#[tokio::test]
 async fn a_holder_that_never_releases_loses_its_slot_when_the_lease_ends() {
     let db = TestDb::new().await;
     let (a, b) = two_processes(&db).await;

@@ -122,19 +122,23 @@ impl Drop for SlotGuard {
 impl RequestGate for PgMailboxGate {
     fn acquire(&self) -> BoxFuture<'_, Result<GatePermit, GateError>> {
         Box::pin(async move {
-            self.spend_budget().await?;
             let holder = Uuid::new_v4();
             let deadline = tokio::time::Instant::now() + MAX_SLOT_WAIT;
             let mut wait = Duration::from_millis(5);
             loop {
                 match self.try_take_slot(holder).await {
                     Ok(Some(slot)) => {
-                        return Ok(GatePermit::holding(SlotGuard {
+                        let guard = SlotGuard {
                             pool: self.pool.clone(),
                             account: self.account,
                             slot,
                             holder,
-                        }));
+                        };
+                        // Spent only once a slot is held: a refused request is not a request,
+                        // and jobs waiting on a busy mailbox would otherwise use up its budget
+                        // without sending anything. On refusal the guard gives the slot back.
+                        self.spend_budget().await?;
+                        return Ok(GatePermit::holding(guard));
                     }
                     Ok(None) => {}
                     Err(e) => return Err(GateError::Failed(Box::new(e))),
