@@ -133,32 +133,64 @@ async fn a_request_refused_for_want_of_a_slot_spends_none_of_the_budget() {
 }
 
 #[tokio::test]
-async fn a_holder_that_never_releases_loses_its_slot_when_the_lease_ends() {
+async fn a_holder_that_dies_mid_request_loses_its_slot_when_the_lease_ends() {
     let db = TestDb::new().await;
-    let (a, b) = two_processes(&db).await;
     let account = AccountId::new();
-    let crashed = PgMailboxGate::new(a, account, 1, 10_000);
-    let survivor = PgMailboxGate::new(b.clone(), account, 1, 10_000);
-    // A process that dies mid-request never runs the permit's release.
-    std::mem::forget(crashed.acquire().await.expect("first acquire"));
-    match survivor.acquire().await {
-        Err(GateError::Busy { .. }) => {}
-        Err(e) => panic!("expected Busy while the slot is held, got {e}"),
-        Ok(_) => panic!("the only slot was handed out twice"),
-    }
-    let expired = sqlx::query(
-        "UPDATE graph_mailbox_slots SET expires_at = now() - interval '1 second'
-         WHERE email_account_id = $1 AND holder IS NOT NULL",
+    // A process of its own, killed mid-request: its runtime goes away with the permit never
+    // released and the lease never renewed again.
+    let url = db.url.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let pool = PgPool::connect(&url).await.unwrap();
+            let crashed = PgMailboxGate::new(pool, account, 1, 10_000)
+                .with_slot_lease(Duration::from_secs(1));
+            std::mem::forget(crashed.acquire().await.expect("first acquire"));
+        });
+        drop(runtime);
+    })
+    .join()
+    .unwrap();
+    let held: bool = sqlx::query_scalar(
+        "SELECT holder IS NOT NULL AND expires_at > now() FROM graph_mailbox_slots
+         WHERE email_account_id = $1",
     )
     .bind(account.as_uuid())
-    .execute(&b)
+    .fetch_one(&db.pool)
     .await
-    .expect("expire the lease");
-    assert_eq!(expired.rows_affected(), 1, "one slot was held");
+    .unwrap();
+    assert!(held, "the dead holder's slot is still taken");
+    let survivor = PgMailboxGate::new(db.pool.clone(), account, 1, 10_000);
     let permit = survivor.acquire().await;
     assert!(
         permit.is_ok(),
-        "the expired slot comes back: {:?}",
+        "the slot comes back once the lease ends: {:?}",
+        permit.err()
+    );
+}
+
+#[tokio::test]
+async fn a_slot_is_kept_through_a_request_longer_than_its_lease() {
+    let db = TestDb::new().await;
+    let (a, b) = two_processes(&db).await;
+    let account = AccountId::new();
+    let lease = Duration::from_secs(1);
+    let slow = PgMailboxGate::new(a, account, 1, 10_000).with_slot_lease(lease);
+    let other = PgMailboxGate::new(b, account, 1, 10_000).with_slot_lease(lease);
+    let held = slow.acquire().await.expect("first acquire");
+    // The request runs for several leases; its holder renews the slot, so another process
+    // waiting the whole time (a few seconds) never gets it.
+    tokio::time::sleep(2 * lease).await;
+    match other.acquire().await {
+        Err(GateError::Busy { .. }) => {}
+        Err(e) => panic!("expected Busy while the slow request runs, got {e}"),
+        Ok(_) => panic!("a running request's slot was handed out"),
+    }
+    drop(held);
+    let permit = other.acquire().await;
+    assert!(
+        permit.is_ok(),
+        "the slot is free once the request ends: {:?}",
         permit.err()
     );
 }

@@ -12,9 +12,11 @@ use uuid::Uuid;
 use crate::graph::{GateError, GatePermit, RequestGate};
 use crate::ids::AccountId;
 
-/// How long a slot stays held without its holder releasing it (a request never takes this
-/// long: the HTTP client times out at 60 s).
-const SLOT_LEASE_SECS: f64 = 90.0;
+/// How long a slot stays held without its holder renewing it. A holder renews its slot every
+/// third of this while its request runs (the HTTP client allows a request 60 s), so the lease
+/// only bounds how long a crashed holder's slot stays taken: a worker killed mid-request
+/// blocks its mailboxes' slots for this long, not for the longest request.
+const SLOT_LEASE: Duration = Duration::from_secs(15);
 /// How long a request waits for a free slot before the job is deferred instead.
 const MAX_SLOT_WAIT: Duration = Duration::from_secs(3);
 
@@ -24,6 +26,7 @@ pub struct PgMailboxGate {
     account: AccountId,
     concurrency: u32,
     budget: u32,
+    lease: Duration,
 }
 
 impl PgMailboxGate {
@@ -34,7 +37,15 @@ impl PgMailboxGate {
             account,
             concurrency: concurrency.max(1),
             budget: budget_per_10_min.max(1),
+            lease: SLOT_LEASE,
         }
+    }
+
+    /// Another slot lease than the default (tests use a short one).
+    #[must_use]
+    pub fn with_slot_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(300));
+        self
     }
 
     async fn spend_budget(&self) -> Result<(), GateError> {
@@ -85,22 +96,71 @@ impl PgMailboxGate {
         .bind(self.account.as_uuid())
         .bind(self.concurrency as i32)
         .bind(holder)
-        .bind(SLOT_LEASE_SECS)
+        .bind(self.lease.as_secs_f64())
         .fetch_optional(&self.pool)
         .await
     }
 }
 
-/// Gives the slot back when the request is done (dropping the permit).
+/// Keeps the slot's lease alive while the request runs; gives the slot back when the request
+/// is done (dropping the permit).
 struct SlotGuard {
     pool: PgPool,
     account: AccountId,
     slot: i32,
     holder: Uuid,
+    renewal: tokio::task::AbortHandle,
+}
+
+impl SlotGuard {
+    fn new(gate: &PgMailboxGate, slot: i32, holder: Uuid) -> Self {
+        let renewal = tokio::spawn(renew_slot(
+            gate.pool.clone(),
+            gate.account,
+            slot,
+            holder,
+            gate.lease,
+        ))
+        .abort_handle();
+        Self {
+            pool: gate.pool.clone(),
+            account: gate.account,
+            slot,
+            holder,
+            renewal,
+        }
+    }
+}
+
+async fn renew_slot(pool: PgPool, account: AccountId, slot: i32, holder: Uuid, lease: Duration) {
+    let mut every = tokio::time::interval(lease / 3);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let renewed = sqlx::query(
+            "UPDATE graph_mailbox_slots SET expires_at = now() + make_interval(secs => $4)
+             WHERE email_account_id = $1 AND slot = $2 AND holder = $3",
+        )
+        .bind(account.as_uuid())
+        .bind(slot)
+        .bind(holder)
+        .bind(lease.as_secs_f64())
+        .execute(&pool)
+        .await;
+        match renewed {
+            // Taken over after the lease ran out: there is nothing of ours left to renew.
+            Ok(done) if done.rows_affected() == 0 => return,
+            Ok(_) => {}
+            // The next tick tries again; only a lease that runs out lets the slot go.
+            Err(e) => tracing::warn!(%account, slot, error = %e, "could not renew a mailbox slot"),
+        }
+    }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
+        self.renewal.abort();
         let pool = self.pool.clone();
         let (account, slot, holder) = (self.account, self.slot, self.holder);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -128,12 +188,7 @@ impl RequestGate for PgMailboxGate {
             loop {
                 match self.try_take_slot(holder).await {
                     Ok(Some(slot)) => {
-                        let guard = SlotGuard {
-                            pool: self.pool.clone(),
-                            account: self.account,
-                            slot,
-                            holder,
-                        };
+                        let guard = SlotGuard::new(self, slot, holder);
                         // Spent only once a slot is held: a refused request is not a request,
                         // and jobs waiting on a busy mailbox would otherwise use up its budget
                         // without sending anything. On refusal the guard gives the slot back.
