@@ -1201,3 +1201,71 @@ async fn claims_stay_index_lookups_on_an_analyzed_busy_queue() {
         );
     }
 }
+
+/// Deferrals spend no attempt, so nothing but this bounds the history of a job that waits
+/// again and again; both writers of the history (the completion flush and the reaper) keep it.
+#[tokio::test]
+async fn a_jobs_error_history_keeps_its_newest_fifty_entries() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let earlier_waits = serde_json::Value::Array(
+        (1..=50)
+            .map(|i| {
+                serde_json::json!({
+                    "attempt": 0, "at": "2026-11-01T00:00:00Z", "kind": "deferred",
+                    "error": format!("wait {i}"),
+                })
+            })
+            .collect(),
+    );
+    let set_history = |id: JobId| {
+        let (pool, history) = (db.pool.clone(), earlier_waits.clone());
+        async move {
+            sqlx::query("UPDATE queue_jobs SET errors = $2 WHERE id = $1")
+                .bind(id.get())
+                .bind(history)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    };
+    let failing_once = Probe {
+        fail_attempts: 1,
+        ..Probe::default()
+    };
+    let failed = queue
+        .enqueue(&failing_once, EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    set_history(failed).await;
+    // Its worker died mid-run: running, lease expired.
+    let stranded = queue
+        .enqueue(&Probe::default(), EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    set_history(stranded).await;
+    sqlx::query(
+        "UPDATE queue_jobs SET status = 'running', attempts = 1, locked_by = 'dead-worker',
+            lease_expires_at = now() - interval '1 minute' WHERE id = $1",
+    )
+    .bind(stranded.get())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let recovered = jobs::queue::runtime::reap_expired(&db.pool).await.unwrap();
+    assert_eq!(recovered, 1);
+    let _w = spawn_worker(&db, WorkerOptions::default()).await;
+    for (id, newest) in [(failed, "retry"), (stranded, "lease_expired")] {
+        let j = wait_status(&queue, id, "done", Duration::from_secs(30)).await;
+        let history = j.errors.as_array().unwrap();
+        assert_eq!(history.len(), 50, "{id}: {}", j.errors);
+        assert_eq!(
+            history[0]["error"], "wait 2",
+            "the oldest entry went: {}",
+            j.errors
+        );
+        assert_eq!(history[49]["kind"], newest, "{}", j.errors);
+    }
+}

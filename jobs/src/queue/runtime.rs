@@ -365,7 +365,7 @@ pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
                          || CASE WHEN d.next = 'cancelled'
                                  THEN '; superseded by a pending job with the same coalesce key'
                                  ELSE '' END,
-            errors = j.errors || jsonb_build_array(jsonb_build_object(
+            errors = queue_errors_append(j.errors, jsonb_build_object(
                 'attempt', j.attempts, 'at', now(), 'kind', 'lease_expired',
                 'error', 'lease expired (worker ' || coalesce(j.locked_by, '?') || ')'))
          FROM decided d
@@ -453,7 +453,7 @@ pub const COMPLETE_JOBS: &str = "WITH held AS (
                                        || 'superseded by a pending job with the same coalesce key'
                                   ELSE coalesce(d.error, j.last_error) END,
                 errors = CASE WHEN d.error IS NULL THEN j.errors
-                         ELSE j.errors || jsonb_build_array(jsonb_build_object(
+                         ELSE queue_errors_append(j.errors, jsonb_build_object(
                             'attempt', j.attempts, 'at', d.at, 'kind', d.kind, 'error', d.error)) END,
                 finished_at = CASE WHEN d.next IN ('done', 'dead', 'cancelled') THEN now() END,
                 locked_by = NULL, lease_expires_at = NULL, updated_at = now()
