@@ -296,6 +296,14 @@ async fn send_draft(
             ..MessagePatch::default()
         };
         if let Err(e) = client.update_message(&draft_id, &patch).await {
+            // Another execution sent the draft between our look and this update: Graph refuses
+            // to change a sent message, and the reply is out. Failing the send here recorded a
+            // reply that had left as failed (two executions at once).
+            if e.code()
+                .is_some_and(|c| c.eq_ignore_ascii_case("ErrorInvalidPropertyUpdateSentMessage"))
+            {
+                return mark_sent(pool, tenant, send).await;
+            }
             return match e.class() {
                 ErrorClass::Permanent if !e.is_not_found() => {
                     fail(

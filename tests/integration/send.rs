@@ -416,6 +416,50 @@ async fn two_executions_at_once_send_once() {
     assert_eq!(w.sends_of("Answer twice"), 1);
 }
 
+/// The interleaving `two_executions_at_once_send_once` can only hit by chance: one execution
+/// reads the draft (still a draft), another sends it, and the first's update then finds a sent
+/// message.
+#[tokio::test]
+async fn a_draft_sent_by_another_execution_while_this_one_updates_it_is_not_a_failure() {
+    let w = world().await;
+    let send = w.new_send("overtaken").await;
+    // Up to draft_created: a fault stops the first run at the send.
+    let fault = w.sim.set_fault(
+        FaultRule::new(FaultKind::ServiceUnavailable {
+            retry_after: Some("60".into()),
+        })
+        .path("/send"),
+    );
+    assert!(
+        jobs::sending::send_reply(&w.services, w.tenant, send)
+            .await
+            .is_err()
+    );
+    w.sim.remove_fault(&fault);
+    assert_eq!(w.send_status(&send.to_string()).await.0, "draft_created");
+    let draft: String =
+        sqlx::query_scalar("SELECT draft_id FROM helpdesk_outbound_sends WHERE id = $1")
+            .bind(send.as_uuid())
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
+    // This execution's update of the draft is held up; meanwhile the other one sends it.
+    w.sim.set_fault(
+        FaultRule::new(FaultKind::Delay { millis: 3_000 })
+            .method("PATCH")
+            .times(1),
+    );
+    let (services, tenant) = (w.services.clone(), w.tenant);
+    let slow =
+        tokio::spawn(async move { jobs::sending::send_reply(&services, tenant, send).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = jobs::accounts::graph_client(&w.services, w.tenant, w.account);
+    client.send_draft(&draft.try_into().unwrap()).await.unwrap();
+    slow.await.unwrap().unwrap();
+    assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
+    assert_eq!(w.sends_of("Answer overtaken"), 1);
+}
+
 #[tokio::test]
 async fn a_worker_killed_during_the_sent_items_lookup_confirms_after_recovery() {
     let w = world().await;
