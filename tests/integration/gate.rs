@@ -18,6 +18,15 @@ async fn two_processes(db: &TestDb) -> (PgPool, PgPool) {
     (db.pool.clone(), other)
 }
 
+/// The gate waits its few seconds for a slot, then refuses: the mailbox is busy.
+async fn assert_refused_as_busy(gate: &PgMailboxGate, while_: &str) {
+    match gate.acquire().await {
+        Err(GateError::Busy { .. }) => {}
+        Err(e) => panic!("expected Busy while {while_}, got {e}"),
+        Ok(_) => panic!("a slot was handed out while {while_}"),
+    }
+}
+
 #[tokio::test]
 async fn forty_requests_from_two_processes_never_exceed_four_at_once() {
     let db = TestDb::new().await;
@@ -108,11 +117,7 @@ async fn a_request_refused_for_want_of_a_slot_spends_none_of_the_budget() {
     let first = PgMailboxGate::new(a, account, 1, 2);
     let waiting = PgMailboxGate::new(b, account, 1, 2);
     let held = first.acquire().await.expect("the first request");
-    match waiting.acquire().await {
-        Err(GateError::Busy { .. }) => {}
-        Err(e) => panic!("expected Busy while the only slot is held, got {e}"),
-        Ok(_) => panic!("the only slot was handed out twice"),
-    }
+    assert_refused_as_busy(&waiting, "the only slot is held").await;
     drop(held);
     // The refusal sent nothing to Microsoft, so the second request of the budget is still
     // there (jobs waiting on a busy mailbox must not use its budget up).
@@ -181,11 +186,7 @@ async fn a_slot_is_kept_through_a_request_longer_than_its_lease() {
     // The request runs for several leases; its holder renews the slot, so another process
     // waiting the whole time (a few seconds) never gets it.
     tokio::time::sleep(2 * lease).await;
-    match other.acquire().await {
-        Err(GateError::Busy { .. }) => {}
-        Err(e) => panic!("expected Busy while the slow request runs, got {e}"),
-        Ok(_) => panic!("a running request's slot was handed out"),
-    }
+    assert_refused_as_busy(&other, "the slow request runs").await;
     drop(held);
     let permit = other.acquire().await;
     assert!(

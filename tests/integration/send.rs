@@ -136,6 +136,26 @@ impl World {
         .send_id
     }
 
+    /// Runs a send up to `draft_created` (a fault stops it at the send step, as a crash right
+    /// before `send` would) and returns the draft's id.
+    async fn run_to_draft_created(&self, send: SendId) -> String {
+        let fault = self.sim.set_fault(
+            FaultRule::new(FaultKind::ServiceUnavailable {
+                retry_after: Some("60".into()),
+            })
+            .path("/send"),
+        );
+        let first = jobs::sending::send_reply(&self.services, self.tenant, send).await;
+        assert!(first.is_err(), "the send step was stopped by the fault");
+        self.sim.remove_fault(&fault);
+        assert_eq!(self.send_status(&send.to_string()).await.0, "draft_created");
+        sqlx::query_scalar("SELECT draft_id FROM helpdesk_outbound_sends WHERE id = $1")
+            .bind(send.as_uuid())
+            .fetch_one(&self.app.db.pool)
+            .await
+            .unwrap()
+    }
+
     fn sends_of(&self, send_marker: &str) -> usize {
         self.sim
             .sends()
@@ -373,28 +393,12 @@ async fn a_crash_between_send_and_storing_sent_does_not_send_again() {
     let send = w.new_send("crash-2").await;
     // Run up to draft_created, then send the draft behind graphdesk's back: the state a crash
     // right after `send` leaves.
+    let draft = w.run_to_draft_created(send).await;
     let client = jobs::accounts::graph_client(&w.services, w.tenant, w.account);
-    let svc = w.services.clone();
-    let tenant = w.tenant;
-    // One step: queued → draft_created (a fault stops the run before the send).
-    let fault = w.sim.set_fault(
-        FaultRule::new(FaultKind::ServiceUnavailable {
-            retry_after: Some("60".into()),
-        })
-        .path("/send"),
-    );
-    let first = jobs::sending::send_reply(&svc, tenant, send).await;
-    assert!(first.is_err(), "the send step was stopped by the fault");
-    w.sim.remove_fault(&fault);
-    assert_eq!(w.send_status(&send.to_string()).await.0, "draft_created");
-    let draft: String =
-        sqlx::query_scalar("SELECT draft_id FROM helpdesk_outbound_sends WHERE id = $1")
-            .bind(send.as_uuid())
-            .fetch_one(&w.app.db.pool)
-            .await
-            .unwrap();
     client.send_draft(&draft.try_into().unwrap()).await.unwrap();
-    jobs::sending::send_reply(&svc, tenant, send).await.unwrap();
+    jobs::sending::send_reply(&w.services, w.tenant, send)
+        .await
+        .unwrap();
     assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
     assert_eq!(w.sends_of("Answer crash-2"), 1);
 }
@@ -423,26 +427,7 @@ async fn two_executions_at_once_send_once() {
 async fn a_draft_sent_by_another_execution_while_this_one_updates_it_is_not_a_failure() {
     let w = world().await;
     let send = w.new_send("overtaken").await;
-    // Up to draft_created: a fault stops the first run at the send.
-    let fault = w.sim.set_fault(
-        FaultRule::new(FaultKind::ServiceUnavailable {
-            retry_after: Some("60".into()),
-        })
-        .path("/send"),
-    );
-    assert!(
-        jobs::sending::send_reply(&w.services, w.tenant, send)
-            .await
-            .is_err()
-    );
-    w.sim.remove_fault(&fault);
-    assert_eq!(w.send_status(&send.to_string()).await.0, "draft_created");
-    let draft: String =
-        sqlx::query_scalar("SELECT draft_id FROM helpdesk_outbound_sends WHERE id = $1")
-            .bind(send.as_uuid())
-            .fetch_one(&w.app.db.pool)
-            .await
-            .unwrap();
+    let draft = w.run_to_draft_created(send).await;
     // This execution's update of the draft is held up; meanwhile the other one sends it.
     w.sim.set_fault(
         FaultRule::new(FaultKind::Delay { millis: 3_000 })
