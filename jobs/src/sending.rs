@@ -16,7 +16,7 @@
 //!   happen: back to `draft_created`.
 //! - `failed`: a permanent refusal (recipient rejected, access denied), with a reason.
 
-use chrono::{DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use serde_json::json;
 use sqlx::PgPool;
 use tracing::{info, warn};
@@ -238,8 +238,9 @@ async fn create_draft(
     Ok(())
 }
 
-/// Counts a send against the mailbox's per-minute allowance; `Err` defers the job.
-async fn take_send_slot(pool: &PgPool, account: AccountId) -> Result<(), JobError> {
+/// Counts a send against the mailbox's per-minute allowance and returns the minute it was
+/// counted in; `Err` defers the job.
+async fn take_send_slot(pool: &PgPool, account: AccountId) -> Result<DateTime<Utc>, JobError> {
     let now = Utc::now();
     let minute = now.duration_trunc(TimeDelta::minutes(1)).unwrap_or(now);
     let used: i32 = sqlx::query_scalar(
@@ -259,7 +260,23 @@ async fn take_send_slot(pool: &PgPool, account: AccountId) -> Result<(), JobErro
             "the mailbox reached 30 sends this minute",
         ));
     }
-    Ok(())
+    Ok(minute)
+}
+
+/// Uncounts a send that never reached Microsoft. Best effort: a count left behind only makes
+/// that one minute's allowance smaller.
+async fn give_back_send_slot(pool: &PgPool, account: AccountId, minute: DateTime<Utc>) {
+    let given_back = sqlx::query(
+        "UPDATE graph_send_rate SET sends = sends - 1
+         WHERE email_account_id = $1 AND minute_start = $2 AND sends > 0",
+    )
+    .bind(account.as_uuid())
+    .bind(minute)
+    .execute(pool)
+    .await;
+    if let Err(e) = given_back {
+        warn!(%account, error = %e, "could not give back a send-rate slot");
+    }
 }
 
 async fn send_draft(
@@ -322,9 +339,15 @@ async fn send_draft(
                 _ => Err(job_error(&e)),
             };
         }
-        take_send_slot(pool, account).await?;
+        let counted_in = take_send_slot(pool, account).await?;
         match client.send_draft(&draft_id).await {
             Ok(()) => {}
+            // Refused before it left (the mailbox gate was full, no token): nothing was sent,
+            // and a job waiting on a busy mailbox would otherwise use the minute's sends up.
+            Err(e) if e.was_not_sent() => {
+                give_back_send_slot(pool, account, counted_in).await;
+                return Err(job_error(&e));
+            }
             // Not a draft any more / gone: an earlier execution sent it.
             Err(e)
                 if e.is_not_found()

@@ -445,6 +445,68 @@ async fn a_draft_sent_by_another_execution_while_this_one_updates_it_is_not_a_fa
     assert_eq!(w.sends_of("Answer overtaken"), 1);
 }
 
+/// The per-minute send count is taken just before `send`. If the mailbox gate then refuses
+/// that request, nothing left, and the count is given back: otherwise replies waiting on a
+/// busy mailbox would use the minute's allowance up without sending anything.
+#[tokio::test]
+async fn a_send_the_gate_refuses_at_the_last_step_gives_its_count_back() {
+    let w = world().await;
+    let send = w.new_send("refused").await;
+    w.run_to_draft_created(send).await;
+    let sends_counted = || async {
+        sqlx::query_scalar::<_, i64>("SELECT coalesce(sum(sends), 0) FROM graph_send_rate")
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap()
+    };
+    // The attempt stopped by the fault may have reached Microsoft, so it stays counted.
+    let before = sends_counted().await;
+    assert_eq!(before, 1);
+    // The mailbox fills up the moment this run counts its send, after the gate has let its
+    // look at the draft and its update through: only the send itself is refused.
+    sqlx::raw_sql(
+        "CREATE FUNCTION fill_mailbox_slots() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO graph_mailbox_slots (email_account_id, slot, holder, expires_at)
+             SELECT NEW.email_account_id, s, gen_random_uuid(), now() + interval '1 hour'
+             FROM generate_series(1, 4) s
+             ON CONFLICT (email_account_id, slot)
+             DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER fill_mailbox_slots AFTER INSERT OR UPDATE ON graph_send_rate
+             FOR EACH ROW EXECUTE FUNCTION fill_mailbox_slots();",
+    )
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    let refused = jobs::sending::send_reply(&w.services, w.tenant, send).await;
+    assert!(
+        matches!(refused, Err(jobs::queue::JobError::Defer { .. })),
+        "the busy mailbox defers the send: {refused:?}"
+    );
+    assert_eq!(w.sends_of("Answer refused"), 0);
+    assert_eq!(
+        sends_counted().await,
+        before,
+        "the refused send was given back"
+    );
+
+    sqlx::raw_sql(
+        "DROP TRIGGER fill_mailbox_slots ON graph_send_rate;
+         UPDATE graph_mailbox_slots SET expires_at = now() - interval '1 second';",
+    )
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    jobs::sending::send_reply(&w.services, w.tenant, send)
+        .await
+        .unwrap();
+    assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
+    assert_eq!(w.sends_of("Answer refused"), 1);
+    assert_eq!(sends_counted().await, before + 1);
+}
+
 #[tokio::test]
 async fn a_worker_killed_during_the_sent_items_lookup_confirms_after_recovery() {
     let w = world().await;

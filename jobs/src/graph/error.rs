@@ -103,6 +103,13 @@ fn fmt_request_id(id: Option<&str>) -> String {
 }
 
 impl GraphError {
+    /// The request never reached Microsoft: the mailbox gate refused it or no access token
+    /// could be had. Whatever was counted for it can be given back.
+    #[must_use]
+    pub fn was_not_sent(&self) -> bool {
+        matches!(self, Self::Gate(_) | Self::Token(_))
+    }
+
     #[must_use]
     pub fn class(&self) -> ErrorClass {
         match self {
@@ -678,6 +685,19 @@ mod tests {
 
     fn token(status: u16, body: &str) -> TokenError {
         TokenError::from_response(StatusCode::from_u16(status).unwrap(), body.as_bytes(), None)
+    }
+
+    #[test]
+    fn only_a_refusal_before_the_request_counts_as_not_sent() {
+        let gate = GraphError::Gate(GateError::Busy { retry_after: None });
+        assert!(gate.was_not_sent());
+        let no_token = GraphError::Token(TokenSourceError::NeedsReauth {
+            reason: "revoked".into(),
+        });
+        assert!(no_token.was_not_sent());
+        // An answer from Microsoft, even a refusal or an outage, may follow a request it acted on.
+        assert!(!graph(503, "", None).was_not_sent());
+        assert!(!graph(429, "", Some(Duration::from_secs(1))).was_not_sent());
     }
 
     #[test]
