@@ -11,7 +11,7 @@ use poem::{FromRequest, Request, RequestBody, Result};
 use poem_openapi::{
     error::ParseRequestPayloadError,
     impl_apirequest_for_payload,
-    payload::{ParsePayload, Payload},
+    payload::{Json, ParsePayload, Payload},
     registry::{MetaSchema, MetaSchemaRef, Registry},
     types::{ParseFromJSON, Type},
 };
@@ -33,8 +33,7 @@ impl<T: Type> Payload for JsonBody<T> {
     const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
 
     fn check_content_type(content_type: &str) -> bool {
-        matches!(content_type.parse::<mime::Mime>(), Ok(mime) if mime.type_() == "application"
-            && (mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json")))
+        <Json<T> as Payload>::check_content_type(content_type)
     }
 
     fn schema_ref() -> MetaSchemaRef {

@@ -313,16 +313,18 @@ async fn send_draft(
             ..MessagePatch::default()
         };
         if let Err(e) = client.update_message(&draft_id, &patch).await {
-            // Another execution sent the draft between our look and this update: Graph refuses
-            // to change a sent message, and the reply is out. Failing the send here recorded a
-            // reply that had left as failed (two executions at once).
-            if e.code()
-                .is_some_and(|c| c.eq_ignore_ascii_case("ErrorInvalidPropertyUpdateSentMessage"))
+            // Another execution sent the draft between our look and this update: the draft is
+            // gone, or Graph refuses to change a sent message. The reply is out and the next
+            // step confirms it; failing the send here recorded a reply that had left as failed.
+            if e.is_not_found()
+                || e.code().is_some_and(|c| {
+                    c.eq_ignore_ascii_case("ErrorInvalidPropertyUpdateSentMessage")
+                })
             {
                 return mark_sent(pool, tenant, send).await;
             }
             return match e.class() {
-                ErrorClass::Permanent if !e.is_not_found() => {
+                ErrorClass::Permanent => {
                     fail(
                         pool,
                         tenant,
@@ -334,8 +336,6 @@ async fn send_draft(
                     .map_err(JobError::retry)?;
                     Ok(())
                 }
-                // Not found: sent meanwhile; the next step confirms it.
-                _ if e.is_not_found() => mark_sent(pool, tenant, send).await,
                 _ => Err(job_error(&e)),
             };
         }

@@ -156,6 +156,16 @@ impl World {
             .unwrap()
     }
 
+    fn client(&self) -> jobs::graph::GraphClient {
+        jobs::accounts::graph_client(&self.services, self.tenant, self.account)
+    }
+
+    /// The send ended confirmed, and Graph sent its reply exactly once.
+    async fn assert_confirmed_once(&self, send: SendId, send_marker: &str) {
+        assert_eq!(self.send_status(&send.to_string()).await.0, "confirmed");
+        assert_eq!(self.sends_of(send_marker), 1);
+    }
+
     fn sends_of(&self, send_marker: &str) -> usize {
         self.sim
             .sends()
@@ -394,13 +404,14 @@ async fn a_crash_between_send_and_storing_sent_does_not_send_again() {
     // Run up to draft_created, then send the draft behind graphdesk's back: the state a crash
     // right after `send` leaves.
     let draft = w.run_to_draft_created(send).await;
-    let client = jobs::accounts::graph_client(&w.services, w.tenant, w.account);
-    client.send_draft(&draft.try_into().unwrap()).await.unwrap();
+    w.client()
+        .send_draft(&draft.try_into().unwrap())
+        .await
+        .unwrap();
     jobs::sending::send_reply(&w.services, w.tenant, send)
         .await
         .unwrap();
-    assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
-    assert_eq!(w.sends_of("Answer crash-2"), 1);
+    w.assert_confirmed_once(send, "Answer crash-2").await;
 }
 
 #[tokio::test]
@@ -416,8 +427,7 @@ async fn two_executions_at_once_send_once() {
     jobs::sending::send_reply(&w.services, w.tenant, send)
         .await
         .unwrap();
-    assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
-    assert_eq!(w.sends_of("Answer twice"), 1);
+    w.assert_confirmed_once(send, "Answer twice").await;
 }
 
 /// The interleaving `two_executions_at_once_send_once` can only hit by chance: one execution
@@ -438,11 +448,12 @@ async fn a_draft_sent_by_another_execution_while_this_one_updates_it_is_not_a_fa
     let slow =
         tokio::spawn(async move { jobs::sending::send_reply(&services, tenant, send).await });
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let client = jobs::accounts::graph_client(&w.services, w.tenant, w.account);
-    client.send_draft(&draft.try_into().unwrap()).await.unwrap();
+    w.client()
+        .send_draft(&draft.try_into().unwrap())
+        .await
+        .unwrap();
     slow.await.unwrap().unwrap();
-    assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
-    assert_eq!(w.sends_of("Answer overtaken"), 1);
+    w.assert_confirmed_once(send, "Answer overtaken").await;
 }
 
 /// The per-minute send count is taken just before `send`. If the mailbox gate then refuses
@@ -502,8 +513,7 @@ async fn a_send_the_gate_refuses_at_the_last_step_gives_its_count_back() {
     jobs::sending::send_reply(&w.services, w.tenant, send)
         .await
         .unwrap();
-    assert_eq!(w.send_status(&send.to_string()).await.0, "confirmed");
-    assert_eq!(w.sends_of("Answer refused"), 1);
+    w.assert_confirmed_once(send, "Answer refused").await;
     assert_eq!(sends_counted().await, before + 1);
 }
 
