@@ -280,6 +280,92 @@ async fn headers_pointing_at_two_tickets_merge_them_consistently() {
 }
 
 #[tokio::test]
+async fn a_merge_within_one_page_moves_the_pages_earlier_messages_and_keeps_the_merged_ticket_closed()
+{
+    let w = world().await;
+    // All three arrive in one delta page, in this order: the third names both tickets the
+    // first two made.
+    let at = |minutes: i64| chrono::Utc::now() - chrono::TimeDelta::minutes(minutes);
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Printer", "<a@contoso.example>").conversation("c1")
+            .received_at(at(3)),
+    );
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Scanner", "<b@contoso.example>").conversation("c2")
+            .received_at(at(2)),
+    );
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Re: both", "<c@contoso.example>")
+            .in_reply_to("<b@contoso.example>")
+            .references(["<a@contoso.example>", "<b@contoso.example>"])
+            .conversation("c3")
+            .received_at(at(1)),
+    );
+    w.sync().await;
+    let survivor = w.placed("<a@contoso.example>").await.0;
+    for id in ["<b@contoso.example>", "<c@contoso.example>"] {
+        assert_eq!(w.placed(id).await.0, survivor, "{id}");
+    }
+    let merged: Vec<(i64, String, Option<i64>)> = sqlx::query_as(
+        "SELECT id, status, merged_into_ticket_id FROM helpdesk_tickets WHERE id <> $1",
+    )
+    .bind(survivor)
+    .fetch_all(&w.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(merged.len(), 1, "{merged:?}");
+    assert_eq!(merged[0].1, "closed", "{merged:?}");
+    assert_eq!(merged[0].2, Some(survivor), "{merged:?}");
+    assert_eq!(
+        w.count("SELECT count(*) FROM helpdesk_messages WHERE ticket_id <> (SELECT min(id) FROM helpdesk_tickets)").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_ticket_token_naming_a_merged_ticket_leads_to_its_survivor() {
+    let w = world().await;
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Printer", "<a@contoso.example>").conversation("c1"),
+    );
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Scanner", "<b@contoso.example>").conversation("c2"),
+    );
+    w.sync().await;
+    let a = w.placed("<a@contoso.example>").await.0;
+    let b = w.placed("<b@contoso.example>").await.0;
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Re: both", "<c@contoso.example>")
+            .in_reply_to("<b@contoso.example>")
+            .references(["<a@contoso.example>", "<b@contoso.example>"])
+            .conversation("c3"),
+    );
+    w.sync().await;
+    let (survivor, merged) = (a.min(b), a.max(b));
+    // Headers stripped, another sender, a new conversation: only the token links it.
+    w.sim.deliver(
+        MAILBOX,
+        mail(
+            "gus@contoso.example",
+            &format!("Question [#{merged}]"),
+            "<d@contoso.example>",
+        )
+        .conversation("c4"),
+    );
+    w.sync().await;
+    assert_eq!(
+        w.placed("<d@contoso.example>").await,
+        (survivor, "ticket_token".to_string())
+    );
+}
+
+#[tokio::test]
 async fn auto_replies_are_flagged_html_is_sanitised_and_attachments_recorded() {
     let w = world().await;
     w.sim.deliver(

@@ -28,6 +28,9 @@ pub struct PageLookup {
     subjects: HashMap<TicketId, String>,
     conversations: HashMap<TicketId, Option<String>>,
     messages: Vec<KnownMessage>,
+    /// Merged ticket → its survivor, for ticket tokens: our replies from a ticket carry its
+    /// token, and a customer answering one after a merge means the survivor.
+    merged_into: HashMap<TicketId, TicketId>,
 }
 
 fn store_err(query: &'static str) -> impl FnOnce(sqlx::Error) -> LookupError {
@@ -111,6 +114,20 @@ impl PageLookup {
         .await
         .map_err(store_err("page messages"))?;
         let ticket_ids: Vec<i64> = messages.iter().map(|m| m.ticket_id).collect();
+        let merged_tokens: Vec<(i64, i64)> = if tokens.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT id, merged_into_ticket_id FROM helpdesk_tickets
+                 WHERE tenant_id = $1 AND id = ANY($2) AND merged_into_ticket_id IS NOT NULL",
+            )
+            .bind(tenant.as_uuid())
+            .bind(&tokens)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(store_err("merged ticket tokens"))?
+        };
+        tokens.extend(merged_tokens.iter().map(|(_, survivor)| *survivor));
         let tickets: Vec<TicketRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {TICKET_COLUMNS} FROM helpdesk_tickets t
              WHERE t.tenant_id = $1 AND t.merged_into_ticket_id IS NULL
@@ -129,6 +146,10 @@ impl PageLookup {
         .await
         .map_err(store_err("page tickets"))?;
         let mut lookup = Self::default();
+        lookup.merged_into = merged_tokens
+            .into_iter()
+            .map(|(merged, survivor)| (TicketId::new(merged), TicketId::new(survivor)))
+            .collect();
         for t in tickets {
             let Ok(customer) = EmailAddress::parse(&t.customer_email) else {
                 continue;
@@ -203,6 +224,13 @@ impl PageLookup {
         for id in merged {
             self.tickets.remove(id);
         }
+        for target in self.merged_into.values_mut() {
+            if merged.contains(target) {
+                *target = survivor;
+            }
+        }
+        self.merged_into
+            .extend(merged.iter().map(|m| (*m, survivor)));
     }
 
     pub fn ticket(&self, id: TicketId) -> Option<&TicketRef> {
@@ -283,7 +311,7 @@ impl ThreadLookup for PageLookup {
         &self,
         id: TicketId,
     ) -> impl Future<Output = Result<Option<TicketRef>, LookupError>> + Send {
-        let found = self.live(id);
+        let found = self.live(self.merged_into.get(&id).copied().unwrap_or(id));
         async move { Ok(found) }
     }
 

@@ -11,7 +11,7 @@
 
 pub mod lookup;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
@@ -536,6 +536,41 @@ struct PageWrites {
     merges: Vec<(TicketId, Vec<TicketId>)>,
 }
 
+impl PageWrites {
+    /// A message decided onto a ticket that a later message of the same page merged away
+    /// belongs to the survivor: the merges are written before the messages, so the page's own
+    /// rows would otherwise land on the merged ticket, and its status update would reopen it.
+    fn follow_merges(&mut self) {
+        let into: HashMap<i64, i64> = self
+            .merges
+            .iter()
+            .flat_map(|(survivor, merged)| merged.iter().map(move |m| (m.get(), survivor.get())))
+            .collect();
+        if into.is_empty() {
+            return;
+        }
+        let survivor = |mut id: i64| {
+            // A merged ticket leaves the page's lookup, so it is never chosen again and the
+            // chain has no cycle; the bound only guards against one.
+            for _ in 0..=into.len() {
+                match into.get(&id) {
+                    Some(next) => id = *next,
+                    None => break,
+                }
+            }
+            id
+        };
+        for m in &mut self.messages {
+            m.ticket = survivor(m.ticket);
+        }
+        for (ticket, (at, opens)) in std::mem::take(&mut self.touched) {
+            let entry = self.touched.entry(survivor(ticket)).or_insert((at, false));
+            entry.0 = entry.0.max(at);
+            entry.1 |= opens;
+        }
+    }
+}
+
 struct NewTicket {
     id: i64,
     subject: String,
@@ -732,6 +767,7 @@ async fn ingest_page(
             });
         }
     }
+    writes.follow_merges();
     report.ingested += writes.messages.len() as u64;
     write_page(&mut tx, ctx, &writes, &resighted, &removed).await?;
     report.removed += removed.len() as u64;
