@@ -326,6 +326,51 @@ async fn a_merge_within_one_page_moves_the_pages_earlier_messages_and_keeps_the_
 }
 
 #[tokio::test]
+async fn an_archived_ticket_stays_archived_when_later_replies_name_it_beside_its_successor() {
+    let w = world().await;
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Printer", "<m1@contoso.example>").conversation("c1"),
+    );
+    w.sync().await;
+    let archived = w.placed("<m1@contoso.example>").await.0;
+    sqlx::query("UPDATE helpdesk_tickets SET status = 'archived' WHERE id = $1")
+        .bind(archived)
+        .execute(&w.db.pool)
+        .await
+        .unwrap();
+    // A reply to the archived ticket starts a new one, linked to it...
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Re: Printer", "<r1@contoso.example>")
+            .in_reply_to("<m1@contoso.example>")
+            .conversation("c2"),
+    );
+    w.sync().await;
+    let successor = w.placed("<r1@contoso.example>").await.0;
+    assert_ne!(successor, archived);
+    // ...and the next reply, naming both, joins the new one without swallowing the old.
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Re: Printer", "<r2@contoso.example>")
+            .in_reply_to("<r1@contoso.example>")
+            .references(["<m1@contoso.example>", "<r1@contoso.example>"])
+            .conversation("c2"),
+    );
+    w.sync().await;
+    assert_eq!(w.placed("<r2@contoso.example>").await.0, successor);
+    assert_eq!(w.placed("<m1@contoso.example>").await.0, archived);
+    let (status, merged): (String, Option<i64>) = sqlx::query_as(
+        "SELECT status, merged_into_ticket_id FROM helpdesk_tickets WHERE id = $1",
+    )
+    .bind(archived)
+    .fetch_one(&w.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), merged), ("archived", None));
+}
+
+#[tokio::test]
 async fn a_ticket_token_naming_a_merged_ticket_leads_to_its_survivor() {
     let w = world().await;
     w.sim.deliver(

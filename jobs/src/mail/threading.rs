@@ -16,7 +16,9 @@
 //!
 //! Choosing among a rule's candidates: active tickets (open, pending, solved) win, and among
 //! those the oldest (lowest number), so that the survivor of a later merge is stable; the other
-//! candidates are reported in [`ThreadDecision::also_matches`] for the caller to merge or link.
+//! candidates that are active or closed within the reopen window are reported in
+//! [`ThreadDecision::also_matches`] for the caller to merge. Archived and long-closed candidates
+//! are left alone, as the policy below leaves them.
 //!
 //! Closed and archived tickets (the policy): a message whose evidence leads only to inactive
 //! tickets
@@ -246,8 +248,9 @@ pub struct ThreadDecision {
     pub detail: String,
     /// The target is a closed ticket that this message reopens.
     pub reopen: bool,
-    /// Other tickets the deciding rule also pointed at (ascending): the same conversation split
-    /// over several tickets, for the caller to merge into or link with the target.
+    /// Other tickets the deciding rule also pointed at (ascending) that are active or closed
+    /// within the reopen window: the same conversation split over several tickets, for the
+    /// caller to merge into the target. Archived and long-closed ones are not listed.
     pub also_matches: Vec<TicketId>,
     /// Tickets (other than the target, ascending) holding replies that arrived before this
     /// message; they belong with the target.
@@ -451,9 +454,18 @@ fn choose(
         .into_iter()
         .filter(|c| seen.insert(c.ticket.id))
         .collect();
+    let reopen_since = at - policy.reopen_window;
+    // Only tickets this message could have been threaded onto are merged into its target. An
+    // archived ticket, or one closed before the reopen window, stays as it is: the policy
+    // started a new ticket instead of reopening it, and a merge would undo that.
     let others = |chosen: TicketId| {
         let mut ids: Vec<TicketId> = candidates
             .iter()
+            .filter(|c| {
+                c.ticket.status.is_active()
+                    || (c.ticket.status == TicketStatus::Closed
+                        && c.ticket.last_message_at >= reopen_since)
+            })
             .map(|c| c.ticket.id)
             .filter(|id| *id != chosen)
             .collect();
@@ -467,7 +479,6 @@ fn choose(
         .filter(|(_, c)| c.ticket.status.is_active())
         .min_by_key(|(_, c)| c.ticket.id)
         .map(|(i, _)| i);
-    let reopen_since = at - policy.reopen_window;
     let freshest_closed = candidates
         .iter()
         .enumerate()
