@@ -411,6 +411,44 @@ async fn a_ticket_token_naming_a_merged_ticket_leads_to_its_survivor() {
 }
 
 #[tokio::test]
+async fn a_sync_cut_short_by_its_timeout_leaves_no_folder_lock_behind() {
+    let w = world().await;
+    w.sim
+        .deliver(MAILBOX, mail("fay@contoso.example", "Printer", "<a@contoso.example>"));
+    let slow = w.sim.set_fault(
+        graph_sim::FaultRule::new(graph_sim::FaultKind::Delay { millis: 3_000 })
+            .path("/messages/delta"),
+    );
+    // What the job runtime does at its timeout: the handler's future is dropped mid-round.
+    let cut = tokio::time::timeout(
+        Duration::from_millis(300),
+        sync_folder(&w.services, w.tenant, w.account, "inbox"),
+    )
+    .await;
+    assert!(cut.is_err(), "the sync was still waiting for Graph");
+    w.sim.remove_fault(&slow);
+    // The folder's session lock went with its connection; pooled, it would stay held.
+    let held = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+             WHERE l.locktype = 'advisory' AND d.datname = current_database()",
+        )
+        .fetch_one(&w.db.pool)
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while held().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a folder lock outlived the sync that took it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(w.sync().await.ingested, 1);
+}
+
+#[tokio::test]
 async fn auto_replies_are_flagged_html_is_sanitised_and_attachments_recorded() {
     let w = world().await;
     w.sim.deliver(

@@ -134,25 +134,59 @@ pub async fn sync_folder(
         .acquire()
         .await
         .expect("the semaphore is never closed");
-    let mut guard = services.pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(key)
-        .fetch_one(&mut *guard)
-        .await?;
-    if !locked {
+    let Some(lock) = FolderLock::try_take(&services.pool, key).await? else {
         return Ok(None);
-    }
+    };
     let result = run_sync(services, tenant, account, folder, sync_since).await;
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(key)
-        .execute(&mut *guard)
-        .await;
-    if unlocked.is_err() {
-        // Never hand a connection that may still hold the lock back to the pool.
-        let _ = guard.detach();
-    }
+    lock.release().await;
     record_outcome(&services.pool, tenant, account, folder, &result).await?;
     result.map(Some)
+}
+
+/// A folder's session advisory lock and the pooled connection holding it. The connection never
+/// goes back to the pool while it may hold the lock: a sync cut short (the job timeout drops
+/// its future) closes it instead, and closing ends the session and so the lock. Returned to
+/// the pool, the lock would have blocked the folder until the pool recycled the connection.
+struct FolderLock {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    key: i64,
+}
+
+impl FolderLock {
+    async fn try_take(pool: &PgPool, key: i64) -> Result<Option<Self>, sqlx::Error> {
+        let mut conn = pool.acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(locked.then_some(Self {
+            conn: Some(conn),
+            key,
+        }))
+    }
+
+    /// Unlocks and returns the connection to the pool; if unlocking fails (or is itself cut
+    /// short), `Drop` closes the connection instead.
+    async fn release(mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(self.key)
+            .execute(&mut **conn)
+            .await;
+        if unlocked.is_ok() {
+            drop(self.conn.take());
+        }
+    }
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
+    }
 }
 
 async fn record_outcome(
