@@ -430,16 +430,37 @@ async fn confirm(
                 .draft_id
                 .clone()
                 .and_then(|d| MicrosoftMessageId::try_from(d).ok())
-            && let Ok(m) = client.get_message(&draft).await
-            && m.is_draft == Some(true)
         {
-            // The send never happened: try again from the draft.
-            crate::db::tenant_execute(pool, tenant, sqlx::query("UPDATE helpdesk_outbound_sends SET status = 'draft_created', updated_at = now() WHERE id = $1 AND status = 'sent'")
-                .bind(send.as_uuid())
-                )
-                .await
-                .map_err(JobError::retry)?;
-            return Ok(());
+            match client.get_message(&draft).await {
+                Ok(m) if m.is_draft == Some(true) => {
+                    // The send never happened: try again from the draft.
+                    crate::db::tenant_execute(pool, tenant, sqlx::query("UPDATE helpdesk_outbound_sends SET status = 'draft_created', updated_at = now() WHERE id = $1 AND status = 'sent'")
+                        .bind(send.as_uuid())
+                        )
+                        .await
+                        .map_err(JobError::retry)?;
+                    return Ok(());
+                }
+                // An immutable id follows a sent draft into Sent Items, so a draft that is gone
+                // and never showed up there was deleted (or moved away) before it was sent. It
+                // cannot be sent again without risking a second copy if it did leave, so the
+                // send fails where agents and ops see it, instead of reading `sent` forever.
+                Err(e) if e.is_not_found() => {
+                    fail(
+                        pool,
+                        tenant,
+                        send,
+                        "sent",
+                        "the reply's draft disappeared from the mailbox (deleted or moved) and no \
+                         message with its Internet message id reached Sent Items within 10 \
+                         minutes; it was most likely never sent. Send the reply again.",
+                    )
+                    .await
+                    .map_err(JobError::retry)?;
+                    return Ok(());
+                }
+                _ => {}
+            }
         }
         return Err(JobError::retry_after(
             "the sent message is not in Sent Items yet",

@@ -460,6 +460,41 @@ async fn a_draft_sent_by_another_execution_while_this_one_updates_it_is_not_a_fa
 /// that request, nothing left, and the count is given back: otherwise replies waiting on a
 /// busy mailbox would use the minute's allowance up without sending anything.
 #[tokio::test]
+async fn a_draft_deleted_before_it_was_sent_ends_the_send_failed_not_sent() {
+    let w = world().await;
+    let send = w.new_send("deleted-draft").await;
+    let draft = w.run_to_draft_created(send).await;
+    w.client()
+        .delete_message(&draft.try_into().unwrap())
+        .await
+        .unwrap();
+    let first = jobs::sending::send_reply(&w.services, w.tenant, send).await;
+    assert!(first.is_err(), "nothing in Sent Items yet: confirm again later");
+    assert_eq!(w.send_status(&send.to_string()).await.0, "sent");
+    // Ten minutes on, Sent Items still has nothing with the draft's Internet message id.
+    sqlx::query(
+        "UPDATE helpdesk_outbound_sends SET updated_at = now() - interval '11 minutes' WHERE id = $1",
+    )
+    .bind(send.as_uuid())
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    jobs::sending::send_reply(&w.services, w.tenant, send)
+        .await
+        .unwrap();
+    let (status, reason) = w.send_status(&send.to_string()).await;
+    assert_eq!(status, "failed");
+    assert!(
+        reason.as_deref().is_some_and(|r| r.contains("draft disappeared")),
+        "{reason:?}"
+    );
+    assert_eq!(w.sends_of("Answer deleted-draft"), 0);
+}
+
+/// The per-minute send count is taken just before `send`. If the mailbox gate then refuses
+/// that request, nothing left, and the count is given back: otherwise replies waiting on a
+/// busy mailbox would use the minute's allowance up without sending anything.
+#[tokio::test]
 async fn a_send_the_gate_refuses_at_the_last_step_gives_its_count_back() {
     let w = world().await;
     let send = w.new_send("refused").await;
