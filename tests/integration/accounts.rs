@@ -440,6 +440,131 @@ async fn a_revoked_refresh_token_marks_the_account_needs_reauth_without_a_retry_
     assert_eq!(RefreshToken::QUEUE, "graphdesk.refresh_token");
 }
 
+impl World {
+    async fn forced_refresh(&self, account: AccountId) -> Result<(), String> {
+        let services = self.services();
+        refresh_tokens(
+            &services.pool,
+            &services.vault,
+            &services.identity,
+            &services.authority,
+            self.tenant,
+            account,
+            RefreshMode::Force {
+                unless_refreshed_since: chrono::Utc::now(),
+            },
+        )
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+    }
+
+    async fn account_status(&self, account: AccountId) -> (String, String) {
+        let (status, reason): (String, Option<String>) = sqlx::query_as(
+            "SELECT status, status_reason FROM helpdesk_email_accounts WHERE id = $1",
+        )
+        .bind(account.as_uuid())
+        .fetch_one(&self.app.db.pool)
+        .await
+        .unwrap();
+        (status, reason.unwrap_or_default())
+    }
+}
+
+/// An expired client secret (`invalid_client`) is our configuration, not the account's: it
+/// must not be retried every scheduler tick for every account (graph-contract §1: do not
+/// loop), and it must say what to fix.
+#[tokio::test]
+async fn a_refresh_refused_for_the_apps_credentials_takes_the_account_out_of_the_sweeps() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    let fault = w.sim.set_fault(
+        graph_sim::FaultRule::new(graph_sim::FaultKind::InvalidClient).path("/oauth2/v2.0/token"),
+    );
+    let err = w.forced_refresh(account).await.unwrap_err();
+    assert!(err.contains("invalid_client"), "{err}");
+    let (status, reason) = w.account_status(account).await;
+    assert_eq!(status, "error");
+    assert!(reason.contains("OAUTH_CLIENT_SECRET"), "{reason}");
+    // The refresh sweep would pick the account up now, were it still active.
+    sqlx::query(
+        "UPDATE helpdesk_email_accounts SET token_expires_at = now(), validated_at = now()
+         WHERE id = $1",
+    )
+    .bind(account.as_uuid())
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM queue_jobs")
+        .execute(&w.app.db.pool)
+        .await
+        .unwrap();
+    let scheduler = jobs::scheduler::Scheduler::new(
+        w.app.db.pool.clone(),
+        None,
+        jobs::scheduler::SchedulerSettings::with_tick(Duration::from_secs(1)),
+        "replica-a",
+    );
+    let tick = scheduler.run_tick().await.unwrap();
+    assert_eq!((tick.refreshes, tick.syncs), (0, 0));
+    // Once the secret is fixed, a refresh that works puts the account back.
+    w.sim.remove_fault(&fault);
+    w.forced_refresh(account).await.unwrap();
+    assert_eq!(w.account_status(account).await, ("active".into(), String::new()));
+}
+
+/// A connection test's finding (here a missing permission) is not fixed by new tokens: a
+/// refresh must not report the account healthy again.
+#[tokio::test]
+async fn a_refresh_that_works_keeps_what_the_connection_test_found() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    sqlx::query(
+        "UPDATE helpdesk_email_accounts
+         SET status = 'error', status_reason = 'missing permissions: Mail.Send' WHERE id = $1",
+    )
+    .bind(account.as_uuid())
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    w.forced_refresh(account).await.unwrap();
+    assert_eq!(
+        w.account_status(account).await,
+        ("error".into(), "missing permissions: Mail.Send".into())
+    );
+}
+
+/// A connection test still running when an admin disconnects the account must not bring it
+/// back as `error` (or `active`): the scheduler would keep queueing work for it.
+#[tokio::test]
+async fn a_connection_test_finishing_after_a_disconnect_leaves_the_account_disabled() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    w.sim.set_fault(
+        graph_sim::FaultRule::new(graph_sim::FaultKind::Delay { millis: 1_500 })
+            .path("/mailFolders/inbox"),
+    );
+    let (services, tenant) = (w.services(), w.tenant);
+    let test = tokio::spawn(async move {
+        jobs::accounts::validate::validate_account(&services, tenant, account).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let resp = w
+        .app
+        .client
+        .delete(w.app.url(&format!("/api/v1/accounts/{account}")))
+        .bearer_auth(&w.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    test.await.unwrap().unwrap();
+    assert_eq!(w.account_status(account).await.0, "disabled");
+}
+
 #[tokio::test]
 async fn a_401_mid_call_refreshes_once_and_the_connection_test_passes() {
     let w = world().await;

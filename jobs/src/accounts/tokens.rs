@@ -139,6 +139,9 @@ struct TokenRow {
     token_refreshed_at: Option<DateTime<Utc>>,
 }
 
+/// How a refused refresh's `status_reason` starts; a refresh that works clears only these.
+const REFRESH_REFUSED: &str = "token refresh refused by the identity platform:";
+
 /// Returns a valid access token, refreshing first when `mode` says so. Holds the account row
 /// lock across the token request: that is what makes it single-flight across processes.
 pub async fn refresh_tokens(
@@ -198,13 +201,15 @@ pub async fn refresh_tokens(
     match identity.refresh(authority, &refresh_token).await {
         Ok(tokens) => {
             store_tokens(&mut tx, vault, tenant, account, &tokens).await?;
+            // Only the error a refused refresh set is cleared by a refresh that works; what a
+            // connection test found (a missing permission, an unreadable inbox) stays until the
+            // next test passes.
             sqlx::query(
-                "UPDATE helpdesk_email_accounts
-                 SET status = CASE WHEN status = 'error' THEN 'active' ELSE status END,
-                     status_reason = CASE WHEN status = 'error' THEN NULL ELSE status_reason END
-                 WHERE id = $1",
+                "UPDATE helpdesk_email_accounts SET status = 'active', status_reason = NULL
+                 WHERE id = $1 AND status = 'error' AND starts_with(status_reason, $2)",
             )
             .bind(account.as_uuid())
+            .bind(REFRESH_REFUSED)
             .execute(&mut *tx)
             .await?;
             crate::audit::record(
@@ -251,8 +256,39 @@ pub async fn refresh_tokens(
                 Err(TokenStoreError::NeedsReauth { reason })
             }
             ErrorClass::Configuration => {
+                // Our app registration was refused (an expired client secret, a wrong client
+                // id or authority): no retry can fix it. Out of `active`, the account leaves
+                // the scheduler's refresh and sync sweeps, which would otherwise ask Microsoft
+                // again every tick; the periodic connection test of failing accounts tries
+                // again, and a refresh that works puts it back.
+                let reason = format!(
+                    "{REFRESH_REFUSED} {e}; check OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET and OAUTH_AUTHORITY"
+                );
+                let marked = sqlx::query(
+                    "UPDATE helpdesk_email_accounts
+                     SET status = 'error', status_reason = $2, updated_at = now()
+                     WHERE id = $1 AND status = 'active'",
+                )
+                .bind(account.as_uuid())
+                .bind(&reason)
+                .execute(&mut *tx)
+                .await?;
+                if marked.rows_affected() == 1 {
+                    crate::audit::record(
+                        &mut tx,
+                        Some(tenant),
+                        "system",
+                        "account.error",
+                        "account",
+                        &account.to_string(),
+                        serde_json::json!({ "reason": reason }),
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
                 metrics::counter!("graphdesk_token_refresh_total", "outcome" => "configuration")
                     .increment(1);
+                warn!(%account, "token refresh refused: the app's credentials or authority are wrong");
                 Err(TokenStoreError::Configuration(e.to_string()))
             }
             _ => {

@@ -113,9 +113,10 @@ pub async fn validate_account(
     sqlx::query(
         "UPDATE helpdesk_email_accounts SET
             validation = $3, validated_at = now(), updated_at = now(),
-            status = CASE WHEN status = 'needs_reauth' THEN status
+            status = CASE WHEN status IN ('needs_reauth', 'disabled') THEN status
                           WHEN $4::text IS NULL THEN 'active' ELSE 'error' END,
-            status_reason = CASE WHEN status = 'needs_reauth' THEN status_reason ELSE $4 END
+            status_reason = CASE WHEN status IN ('needs_reauth', 'disabled') THEN status_reason
+                                 ELSE $4 END
          WHERE id = $1 AND tenant_id = $2",
     )
     .bind(account.as_uuid())
