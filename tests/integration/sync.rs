@@ -449,6 +449,33 @@ async fn a_sync_cut_short_by_its_timeout_leaves_no_folder_lock_behind() {
 }
 
 #[tokio::test]
+async fn back_filled_mail_threads_by_subject_within_the_window_of_its_own_time() {
+    let w = world().await;
+    let days_ago = |days: i64| chrono::Utc::now() - chrono::TimeDelta::days(days);
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Printer", "<p@contoso.example>")
+            .conversation("c1")
+            .received_at(days_ago(26)),
+    );
+    w.sync().await;
+    // A day later by its own clock, headers stripped, another conversation: only the
+    // subject rule can place it, and 25 days ago the ticket was a day old.
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Re: Printer", "<q@contoso.example>")
+            .conversation("c2")
+            .received_at(days_ago(25)),
+    );
+    w.sync().await;
+    let first = w.placed("<p@contoso.example>").await.0;
+    assert_eq!(
+        w.placed("<q@contoso.example>").await,
+        (first, "subject".to_string())
+    );
+}
+
+#[tokio::test]
 async fn auto_replies_are_flagged_html_is_sanitised_and_attachments_recorded() {
     let w = world().await;
     w.sim.deliver(

@@ -714,7 +714,11 @@ async fn ingest_page(
 
     if !to_thread.is_empty() {
         let inputs: Vec<ThreadInput> = to_thread.iter().map(|p| p.input.clone()).collect();
-        let since = Utc::now() - ctx.policy.subject_window - TimeDelta::days(1);
+        // The subject rule's window counts from each message's own received time (so that
+        // back-filled mail threads as it would have on arrival): the candidates go back from
+        // the page's oldest message, not from now.
+        let oldest = to_thread[0].input.received_at.min(Utc::now());
+        let since = oldest - ctx.policy.subject_window - TimeDelta::days(1);
         let mut lookup = PageLookup::prefetch(&mut tx, ctx.tenant, &inputs, since).await?;
         let reserved: Vec<i64> = sqlx::query_scalar(
             "SELECT nextval(pg_get_serial_sequence('helpdesk_tickets', 'id'))
