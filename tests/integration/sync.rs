@@ -476,6 +476,38 @@ async fn back_filled_mail_threads_by_subject_within_the_window_of_its_own_time()
 }
 
 #[tokio::test]
+async fn a_throttled_mailbox_shows_until_when_and_a_sync_that_works_clears_it() {
+    let w = world().await;
+    w.sim
+        .deliver(MAILBOX, mail("fay@contoso.example", "Printer", "<a@contoso.example>"));
+    let throttle = w.sim.set_fault(
+        graph_sim::FaultRule::new(graph_sim::FaultKind::TooManyRequests {
+            retry_after: Some("120".into()),
+        })
+        .path("/messages/delta"),
+    );
+    let err = sync_folder(&w.services, w.tenant, w.account, "inbox")
+        .await
+        .expect_err("Graph throttles the delta request");
+    assert!(err.to_string().contains("throttled"), "{err}");
+    let until = || async {
+        sqlx::query_scalar::<_, Option<f64>>(
+            "SELECT extract(epoch FROM throttled_until - now())::float8
+             FROM helpdesk_email_accounts WHERE id = $1",
+        )
+        .bind(w.account.as_uuid())
+        .fetch_one(&w.db.pool)
+        .await
+        .unwrap()
+    };
+    let left = until().await.expect("throttled_until is set");
+    assert!((100.0..=120.0).contains(&left), "{left} s left");
+    w.sim.remove_fault(&throttle);
+    w.sync().await;
+    assert_eq!(until().await, None);
+}
+
+#[tokio::test]
 async fn auto_replies_are_flagged_html_is_sanitised_and_attachments_recorded() {
     let w = world().await;
     w.sim.deliver(

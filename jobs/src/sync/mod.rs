@@ -201,7 +201,7 @@ async fn record_outcome(
         Ok(r) => {
             sqlx::query(
                 "UPDATE helpdesk_email_accounts SET last_sync_success_at = now(),
-                    last_sync_error = NULL, updated_at = now()
+                    last_sync_error = NULL, throttled_until = NULL, updated_at = now()
                  WHERE id = $1 AND tenant_id = $2",
             )
             .bind(account.as_uuid())
@@ -214,13 +214,24 @@ async fn record_outcome(
         }
         Err(e) => {
             let text: String = e.to_string().chars().take(500).collect();
+            // Shown on the Accounts page: how long Microsoft holds this mailbox back. Without a
+            // Retry-After, Graph's advice is to back off; a minute is what the page shows then.
+            let throttled_for = match e {
+                SyncError::Graph(GraphError::Throttled { retry_after, .. }) => {
+                    Some(retry_after.unwrap_or(std::time::Duration::from_secs(60)))
+                }
+                _ => None,
+            };
             sqlx::query(
-                "UPDATE helpdesk_email_accounts SET last_sync_error = $3, updated_at = now()
+                "UPDATE helpdesk_email_accounts SET last_sync_error = $3, updated_at = now(),
+                    throttled_until = CASE WHEN $4::float8 IS NULL THEN throttled_until
+                                           ELSE now() + make_interval(secs => $4) END
                  WHERE id = $1 AND tenant_id = $2",
             )
             .bind(account.as_uuid())
             .bind(tenant.as_uuid())
             .bind(&text)
+            .bind(throttled_for.map(|d| d.as_secs_f64()))
             .execute(&mut *tx)
             .await?;
             sqlx::query(
