@@ -511,7 +511,10 @@ async fn a_refresh_refused_for_the_apps_credentials_takes_the_account_out_of_the
     // Once the secret is fixed, a refresh that works puts the account back.
     w.sim.remove_fault(&fault);
     w.forced_refresh(account).await.unwrap();
-    assert_eq!(w.account_status(account).await, ("active".into(), String::new()));
+    assert_eq!(
+        w.account_status(account).await,
+        ("active".into(), String::new())
+    );
 }
 
 /// A connection test's finding (here a missing permission) is not fixed by new tokens: a

@@ -456,9 +456,10 @@ async fn a_draft_sent_by_another_execution_while_this_one_updates_it_is_not_a_fa
     w.assert_confirmed_once(send, "Answer overtaken").await;
 }
 
-/// The per-minute send count is taken just before `send`. If the mailbox gate then refuses
-/// that request, nothing left, and the count is given back: otherwise replies waiting on a
-/// busy mailbox would use the minute's allowance up without sending anything.
+/// A deferred reply's draft deleted from the mailbox (by a person, or a retention policy)
+/// before it was sent: Graph answers 404 for it. That reads as "an earlier execution sent it",
+/// so the send moves on to confirming; when nothing with its Internet message id reaches Sent
+/// Items, the send must end failed where people see it, not stay `sent` with nothing sent.
 #[tokio::test]
 async fn a_draft_deleted_before_it_was_sent_ends_the_send_failed_not_sent() {
     let w = world().await;
@@ -469,7 +470,10 @@ async fn a_draft_deleted_before_it_was_sent_ends_the_send_failed_not_sent() {
         .await
         .unwrap();
     let first = jobs::sending::send_reply(&w.services, w.tenant, send).await;
-    assert!(first.is_err(), "nothing in Sent Items yet: confirm again later");
+    assert!(
+        first.is_err(),
+        "nothing in Sent Items yet: confirm again later"
+    );
     assert_eq!(w.send_status(&send.to_string()).await.0, "sent");
     // Ten minutes on, Sent Items still has nothing with the draft's Internet message id.
     sqlx::query(
@@ -485,7 +489,9 @@ async fn a_draft_deleted_before_it_was_sent_ends_the_send_failed_not_sent() {
     let (status, reason) = w.send_status(&send.to_string()).await;
     assert_eq!(status, "failed");
     assert!(
-        reason.as_deref().is_some_and(|r| r.contains("draft disappeared")),
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains("draft disappeared")),
         "{reason:?}"
     );
     assert_eq!(w.sends_of("Answer deleted-draft"), 0);

@@ -281,19 +281,21 @@ async fn headers_pointing_at_two_tickets_merge_them_consistently() {
 
 #[tokio::test]
 async fn a_merge_within_one_page_moves_the_pages_earlier_messages_and_keeps_the_merged_ticket_closed()
-{
+ {
     let w = world().await;
     // All three arrive in one delta page, in this order: the third names both tickets the
     // first two made.
     let at = |minutes: i64| chrono::Utc::now() - chrono::TimeDelta::minutes(minutes);
     w.sim.deliver(
         MAILBOX,
-        mail("fay@contoso.example", "Printer", "<a@contoso.example>").conversation("c1")
+        mail("fay@contoso.example", "Printer", "<a@contoso.example>")
+            .conversation("c1")
             .received_at(at(3)),
     );
     w.sim.deliver(
         MAILBOX,
-        mail("fay@contoso.example", "Scanner", "<b@contoso.example>").conversation("c2")
+        mail("fay@contoso.example", "Scanner", "<b@contoso.example>")
+            .conversation("c2")
             .received_at(at(2)),
     );
     w.sim.deliver(
@@ -360,13 +362,12 @@ async fn an_archived_ticket_stays_archived_when_later_replies_name_it_beside_its
     w.sync().await;
     assert_eq!(w.placed("<r2@contoso.example>").await.0, successor);
     assert_eq!(w.placed("<m1@contoso.example>").await.0, archived);
-    let (status, merged): (String, Option<i64>) = sqlx::query_as(
-        "SELECT status, merged_into_ticket_id FROM helpdesk_tickets WHERE id = $1",
-    )
-    .bind(archived)
-    .fetch_one(&w.db.pool)
-    .await
-    .unwrap();
+    let (status, merged): (String, Option<i64>) =
+        sqlx::query_as("SELECT status, merged_into_ticket_id FROM helpdesk_tickets WHERE id = $1")
+            .bind(archived)
+            .fetch_one(&w.db.pool)
+            .await
+            .unwrap();
     assert_eq!((status.as_str(), merged), ("archived", None));
 }
 
@@ -413,8 +414,10 @@ async fn a_ticket_token_naming_a_merged_ticket_leads_to_its_survivor() {
 #[tokio::test]
 async fn a_sync_cut_short_by_its_timeout_leaves_no_folder_lock_behind() {
     let w = world().await;
-    w.sim
-        .deliver(MAILBOX, mail("fay@contoso.example", "Printer", "<a@contoso.example>"));
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Printer", "<a@contoso.example>"),
+    );
     let slow = w.sim.set_fault(
         graph_sim::FaultRule::new(graph_sim::FaultKind::Delay { millis: 3_000 })
             .path("/messages/delta"),
@@ -478,8 +481,10 @@ async fn back_filled_mail_threads_by_subject_within_the_window_of_its_own_time()
 #[tokio::test]
 async fn a_throttled_mailbox_shows_until_when_and_a_sync_that_works_clears_it() {
     let w = world().await;
-    w.sim
-        .deliver(MAILBOX, mail("fay@contoso.example", "Printer", "<a@contoso.example>"));
+    w.sim.deliver(
+        MAILBOX,
+        mail("fay@contoso.example", "Printer", "<a@contoso.example>"),
+    );
     let throttle = w.sim.set_fault(
         graph_sim::FaultRule::new(graph_sim::FaultKind::TooManyRequests {
             retry_after: Some("120".into()),

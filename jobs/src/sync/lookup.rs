@@ -145,11 +145,13 @@ impl PageLookup {
         .fetch_all(&mut *conn)
         .await
         .map_err(store_err("page tickets"))?;
-        let mut lookup = Self::default();
-        lookup.merged_into = merged_tokens
-            .into_iter()
-            .map(|(merged, survivor)| (TicketId::new(merged), TicketId::new(survivor)))
-            .collect();
+        let mut lookup = Self {
+            merged_into: merged_tokens
+                .into_iter()
+                .map(|(merged, survivor)| (TicketId::new(merged), TicketId::new(survivor)))
+                .collect(),
+            ..Self::default()
+        };
         for t in tickets {
             let Ok(customer) = EmailAddress::parse(&t.customer_email) else {
                 continue;
