@@ -505,13 +505,42 @@ async fn token_endpoint_exchange_refresh_and_errors() {
     assert_eq!(stub.remaining(), 0);
 }
 
+/// Six calls the server holds for 150 ms each, sent at once. Without a gate the server sees
+/// them overlap beyond 2; with a gate of 2 it sees exactly 2 at a time, because the permit is
+/// held for the whole request, not just while it is being sent.
 #[tokio::test]
 async fn gate_is_held_per_request() {
-    let stub = Stub::start(vec![Reply::json(200, ME), Reply::json(200, ME)]).await;
-    let gate = Arc::new(LocalConcurrencyGate::new(1));
+    const CALLS: usize = 6;
+    let held = || {
+        (0..CALLS)
+            .map(|_| Reply::json(200, ME).with_delay(Duration::from_millis(150)))
+            .collect::<Vec<_>>()
+    };
+
+    let open = Stub::start(held()).await;
+    let ungated = client_for(&open, Arc::default()).with_gate(Arc::new(NoGate));
+    for r in futures::future::join_all((0..CALLS).map(|_| ungated.get_me())).await {
+        r.unwrap();
+    }
+    assert!(
+        open.max_in_flight() > 2,
+        "control: without a gate the calls overlap ({} at once)",
+        open.max_in_flight()
+    );
+
+    let stub = Stub::start(held()).await;
+    let gate = Arc::new(LocalConcurrencyGate::new(2));
     let graph = client_for(&stub, Arc::default()).with_gate(gate);
-    let (a, b) = tokio::join!(graph.get_me(), graph.get_me());
-    a.unwrap();
-    b.unwrap();
-    assert_eq!(stub.requests().len(), 2);
+    let started = Instant::now();
+    for r in futures::future::join_all((0..CALLS).map(|_| graph.get_me())).await {
+        r.unwrap();
+    }
+    assert_eq!(stub.requests().len(), CALLS);
+    assert_eq!(
+        stub.max_in_flight(),
+        2,
+        "the gate admits 2 requests at a time"
+    );
+    // Three waves of two, 150 ms each.
+    assert!(started.elapsed() >= Duration::from_millis(450));
 }

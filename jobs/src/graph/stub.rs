@@ -2,8 +2,9 @@
 //! scripted response and records what it received. Integration tests use the Graph simulator.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
@@ -31,6 +32,8 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    /// How long the server holds the request before answering.
+    pub delay: Option<Duration>,
 }
 
 impl Reply {
@@ -39,6 +42,7 @@ impl Reply {
             status,
             headers: vec![("content-type".into(), "application/json".into())],
             body: body.into(),
+            delay: None,
         }
     }
 
@@ -47,6 +51,7 @@ impl Reply {
             status,
             headers: Vec::new(),
             body: String::new(),
+            delay: None,
         }
     }
 
@@ -54,12 +59,25 @@ impl Reply {
         self.headers.push((name.into(), value.into()));
         self
     }
+
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+}
+
+/// Requests received and not yet answered, and the most there ever were at once.
+#[derive(Default)]
+struct InFlight {
+    now: AtomicUsize,
+    max: AtomicUsize,
 }
 
 pub struct Stub {
     pub base: String,
     script: Arc<Mutex<VecDeque<Reply>>>,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    in_flight: Arc<InFlight>,
 }
 
 impl Stub {
@@ -77,18 +95,31 @@ impl Stub {
                 .collect::<VecDeque<_>>(),
         ));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (s, r) = (Arc::clone(&script), Arc::clone(&requests));
+        let in_flight = Arc::new(InFlight::default());
+        let (s, r, f) = (
+            Arc::clone(&script),
+            Arc::clone(&requests),
+            Arc::clone(&in_flight),
+        );
         tokio::spawn(async move {
             while let Ok((mut sock, _)) = listener.accept().await {
-                let (s, r) = (Arc::clone(&s), Arc::clone(&r));
+                let (s, r, f) = (Arc::clone(&s), Arc::clone(&r), Arc::clone(&f));
                 tokio::spawn(async move {
                     let Some(rec) = read_request(&mut sock).await else {
                         return;
                     };
+                    let n = f.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    f.max.fetch_max(n, Ordering::SeqCst);
                     r.lock().unwrap().push(rec);
                     let reply = s.lock().unwrap().pop_front().unwrap_or_else(|| {
                         Reply::json(500, "{\"error\":{\"code\":\"StubExhausted\"}}")
                     });
+                    if let Some(d) = reply.delay {
+                        tokio::time::sleep(d).await;
+                    }
+                    // Counted out before the answer is written: a client that frees its slot
+                    // once it has read the answer can never be seen here one request over.
+                    f.now.fetch_sub(1, Ordering::SeqCst);
                     let mut out = format!(
                         "HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n",
                         reply.status,
@@ -108,7 +139,13 @@ impl Stub {
             base,
             script,
             requests,
+            in_flight,
         }
+    }
+
+    /// The most requests this server held unanswered at the same time.
+    pub fn max_in_flight(&self) -> usize {
+        self.in_flight.max.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
