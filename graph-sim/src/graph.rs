@@ -524,6 +524,60 @@ fn attachment_json(a: &Attachment, with_bytes: bool) -> Value {
     v
 }
 
+/// Properties of Graph's base `attachment` type: `$select` on an attachments collection may
+/// name these directly.
+const ATTACHMENT_PROPS: &[&str] = &[
+    "id",
+    "lastModifiedDateTime",
+    "name",
+    "contentType",
+    "size",
+    "isInline",
+];
+/// Properties only `fileAttachment` has: `$select` reaches them through the OData type cast
+/// (`microsoft.graph.fileAttachment/contentId`); named bare they make Graph refuse the request.
+const FILE_ATTACHMENT_PROPS: &[&str] = &["contentId", "contentLocation", "contentBytes"];
+const FILE_ATTACHMENT_CAST: &str = "microsoft.graph.fileAttachment/";
+
+/// Parses `$select` for attachments into canonical property names.
+fn parse_attachment_select(s: &str) -> Result<Vec<String>, String> {
+    let mut out = vec![];
+    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (allowed, name, on_type): (&[&str], &str, &str) = match p
+            .get(..FILE_ATTACHMENT_CAST.len())
+            .filter(|head| head.eq_ignore_ascii_case(FILE_ATTACHMENT_CAST))
+        {
+            Some(_) => (
+                FILE_ATTACHMENT_PROPS,
+                &p[FILE_ATTACHMENT_CAST.len()..],
+                "microsoft.graph.fileAttachment",
+            ),
+            None => (&[], p, "microsoft.graph.attachment"),
+        };
+        let canon = ATTACHMENT_PROPS
+            .iter()
+            .chain(allowed)
+            .find(|c| c.eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                format!("Could not find a property named '{name}' on type '{on_type}'.")
+            })?;
+        out.push((*canon).to_string());
+    }
+    Ok(out)
+}
+
+/// An attachment as Graph returns it under `$select`: `@odata.type` and `id` always, then only
+/// the selected properties. (Every simulator attachment is a file attachment, so the
+/// fileAttachment properties apply to all of them.)
+fn select_attachment(full: Value, select: Option<&[String]>) -> Value {
+    let Some(select) = select else { return full };
+    let Value::Object(all) = full else {
+        return full;
+    };
+    let keep = |k: &str| k == "@odata.type" || k == "id" || select.iter().any(|s| s == k);
+    Value::Object(all.into_iter().filter(|(k, _)| keep(k)).collect())
+}
+
 fn user_json(u: &SimUser, base: &str) -> Value {
     let (given, sur) = u
         .display_name
@@ -907,10 +961,15 @@ impl GraphSim {
                 let Some(m) = mb.msg(&p0) else {
                     return missing_message(ctx, &p0);
                 };
+                let select = match qp(&params, "select").map(parse_attachment_select) {
+                    Some(Err(e)) => return ctx.error(400, "RequestBroker--ParseUri", &e),
+                    Some(Ok(s)) => Some(s),
+                    None => None,
+                };
                 let v: Vec<Value> = m
                     .attachments
                     .iter()
-                    .map(|a| attachment_json(a, true))
+                    .map(|a| select_attachment(attachment_json(a, true), select.as_deref()))
                     .collect();
                 SimResponse::json(
                     200,
@@ -948,9 +1007,17 @@ impl GraphSim {
                 let Some(m) = mb.msg(&p0) else {
                     return missing_message(ctx, &p0);
                 };
+                let select = match qp(&params, "select").map(parse_attachment_select) {
+                    Some(Err(e)) => return ctx.error(400, "RequestBroker--ParseUri", &e),
+                    Some(Ok(s)) => Some(s),
+                    None => None,
+                };
                 let aid = cls.params.get(1).cloned().unwrap_or_default();
                 match m.attachments.iter().find(|a| a.id == aid) {
-                    Some(a) => SimResponse::json(200, attachment_json(a, true)),
+                    Some(a) => SimResponse::json(
+                        200,
+                        select_attachment(attachment_json(a, true), select.as_deref()),
+                    ),
                     None => not_found(ctx),
                 }
             }

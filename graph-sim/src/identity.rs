@@ -302,8 +302,18 @@ async fn token(sim: &GraphSim, req: &SimRequest, ctx: &Ctx, tenant: &str) -> Out
             };
             return out;
         }
-        Some(FaultKind::TooManyRequests { retry_after })
-        | Some(FaultKind::ServiceUnavailable { retry_after }) => {
+        Some(FaultKind::TooManyRequests { retry_after }) => {
+            // Entra throttles with a bare 429 (body "Too Many Requests", not an OAuth error
+            // body) and a Retry-After header.
+            let mut r =
+                SimResponse::text(429, "text/plain; charset=utf-8", "Too Many Requests".into());
+            if let Some(ra) = retry_after {
+                r = r.with_header("Retry-After", ra);
+            }
+            out.resp = r;
+            return out;
+        }
+        Some(FaultKind::ServiceUnavailable { retry_after }) => {
             let mut r = token_error(90033, &client_id, ctx);
             if let Some(ra) = retry_after {
                 r = r.with_header("Retry-After", ra);
@@ -325,7 +335,9 @@ async fn token(sim: &GraphSim, req: &SimRequest, ctx: &Ctx, tenant: &str) -> Out
         let (status, body) = aad_error(
             90002,
             &client_id,
-            Some(&format!("Tenant '{tenant}' not found.")),
+            Some(&format!(
+                "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."
+            )),
             ctx.now,
         );
         out.resp = SimResponse::json(status, body)

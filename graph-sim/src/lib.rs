@@ -89,7 +89,9 @@
 //!   revoked ([`GraphSim::revoke_refresh_tokens`], which rejects all refresh tokens issued so far
 //!   with the given AADSTS code) or 90 days unused (`700082`). 65001 answers
 //!   `invalid_grant` + `suberror: consent_required`; 50076/50079/53003 answer `interaction_required`.
-//!   Transient token faults answer 503 `temporarily_unavailable` (AADSTS90033).
+//!   Transient token faults answer 503 `temporarily_unavailable` (AADSTS90033), except a
+//!   `TooManyRequests` fault: a bare 429 (body `Too Many Requests`) with its Retry-After, as
+//!   Entra throttles. An unknown tenant in the authority path = 400 `invalid_request` AADSTS90002.
 //! - Access tokens look like JWTs (claims `oid`, `tid`, `upn`, `scp`, `exp`) but are opaque to the
 //!   simulator: only tokens it issued are accepted. Scopes are enforced per route (Graph's least
 //!   privileged scope or any stronger one); switch off with `SimConfig::enforce_scopes`.
@@ -99,6 +101,12 @@
 //! - Route templates in the log fold `/users/{id}/...` into `/me/...` (e.g.
 //!   `GET /me/mailFolders/{id}/messages`).
 //! - `GET /messages/{id}/$value` answers `message/rfc822` MIME built from the stored headers.
+//! - Attachments honour `$select` (`@odata.type` and `id` always come back). Properties only
+//!   `fileAttachment` has (`contentId`, `contentLocation`, `contentBytes`) need the type cast,
+//!   `microsoft.graph.fileAttachment/contentId`; named bare they give 400 `RequestBroker--ParseUri`
+//!   ("Could not find a property named 'contentId' on type 'microsoft.graph.attachment'."), as Graph does.
+//! - A subscription whose expirationDateTime has passed (simulator clock) is deleted: it is no
+//!   longer listed and GET/PATCH/DELETE of it answer 404 `ResourceNotFound`.
 //! - Generator: headerless replies share their thread's `conversationId` (Exchange threads by
 //!   conversation topic); forwards start a new thread. `GeneratedSummary::threads` counts both.
 
@@ -565,9 +573,11 @@ impl GraphSim {
         ok
     }
 
+    /// Live subscriptions (expired ones are gone, as in Graph).
     pub fn subscriptions(&self) -> Vec<SimSubscription> {
-        self.lock()
-            .subs
+        let mut st = self.lock();
+        st.drop_expired_subscriptions();
+        st.subs
             .values()
             .map(|s| SimSubscription {
                 id: s.id.clone(),

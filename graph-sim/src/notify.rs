@@ -265,6 +265,11 @@ impl GraphSim {
                 }
             }
             ("PATCH", "/subscriptions/{id}") => {
+                // An expired subscription is gone (see `drop_expired_subscriptions`): renewing
+                // it is a 404 whatever the body says, and the client has to create a new one.
+                if !self.lock().subs.contains_key(&id) {
+                    return not_found();
+                }
                 let Ok(body) = req.json() else {
                     return ctx.error(400, "InvalidRequest", "Invalid JSON.");
                 };

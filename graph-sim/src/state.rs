@@ -401,6 +401,7 @@ fn aad_error_text(code: u32, client_id: &str) -> (u16, &'static str, Option<&'st
         700016 => (400, "unauthorized_client", None, format!("Application with identifier '{client_id}' was not found in the directory.")),
         70003 => (400, "unsupported_grant_type", None, "The app requested an unsupported grant type.".into()),
         900144 => (400, "invalid_request", None, "The request body must contain the following parameter.".into()),
+        90002 => (400, "invalid_request", None, "Tenant not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud.".into()),
         90033 => (503, "temporarily_unavailable", None, "A transient error has occurred. Please try again.".into()),
         _ => (400, "invalid_grant", None, "The provided grant is invalid.".into()),
     }
@@ -1094,8 +1095,16 @@ impl State {
         true
     }
 
+    /// Graph deletes a subscription once its expirationDateTime has passed: it is no longer
+    /// listed, and GET, PATCH (renew) and DELETE of it answer 404.
+    pub fn drop_expired_subscriptions(&mut self) {
+        let now = self.now();
+        self.subs.retain(|_, s| s.expiration > now);
+    }
+
     /// Sent Items copies whose delay elapsed become visible now.
     pub fn materialize_pending(&mut self) {
+        self.drop_expired_subscriptions();
         let now = self.now();
         if self.pending_sent.iter().all(|p| p.due > now) {
             return;

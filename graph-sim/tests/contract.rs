@@ -1241,3 +1241,225 @@ async fn control_api_mirrors_the_rust_methods() {
         .unwrap();
     assert_eq!(stats.route_status("GET /me", 504), 1);
 }
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+    k.sort();
+    k
+}
+
+#[tokio::test]
+async fn attachments_honour_select_and_reach_file_properties_through_the_cast() {
+    let e = env().await;
+    let d = e.sim.deliver(
+        &e.user,
+        InboundMail::new("customer@example.com", "Screenshot")
+            .html("<p><img src=\"cid:img1\"></p>")
+            .attachment(InboundAttachment {
+                is_inline: true,
+                content_id: Some("img1".into()),
+                ..InboundAttachment::file("shot.png", "image/png", &[1, 2, 3])
+            })
+            .attachment(InboundAttachment::file(
+                "invoice.pdf",
+                "application/pdf",
+                &[4, 5],
+            )),
+    );
+    let list = format!("/me/messages/{}/attachments", d.id);
+
+    // No $select: everything, bytes included.
+    let (s, _, v) = e.get(&list).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["value"][0]["contentBytes"].is_string(), "{v}");
+
+    // Base-type properties only: exactly those, plus @odata.type and id.
+    let (s, _, v) = e
+        .get(&format!("{list}?$select=name,contentType,size,isInline"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let items = v["value"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    for a in items {
+        assert_eq!(
+            keys(a),
+            [
+                "@odata.type",
+                "contentType",
+                "id",
+                "isInline",
+                "name",
+                "size"
+            ],
+            "{a}"
+        );
+        assert_eq!(a["@odata.type"], "#microsoft.graph.fileAttachment");
+    }
+
+    // contentId is a fileAttachment property: bare, Graph refuses the whole request.
+    let (s, _, v) = e
+        .get(&format!("{list}?$select=id,name,isInline,contentId"))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_graph_error(&v, "RequestBroker--ParseUri");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'contentId' on type 'microsoft.graph.attachment'"),
+        "{v}"
+    );
+
+    // Through the type cast it comes back, unqualified, and nothing else unselected does.
+    let (s, _, v) = e
+        .get(&format!(
+            "{list}?$select=id,name,isInline,microsoft.graph.fileAttachment/contentId"
+        ))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let items = v["value"].as_array().unwrap();
+    let inline = items.iter().find(|a| a["name"] == "shot.png").unwrap();
+    assert_eq!(inline["contentId"], "img1");
+    assert_eq!(
+        keys(inline),
+        ["@odata.type", "contentId", "id", "isInline", "name"]
+    );
+    let file = items.iter().find(|a| a["name"] == "invoice.pdf").unwrap();
+    assert!(file["contentId"].is_null() && file.get("contentBytes").is_none());
+
+    // One attachment: the same rule.
+    let aid = inline["id"].as_str().unwrap();
+    let (s, _, v) = e.get(&format!("{list}/{aid}?$select=name")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(keys(&v), ["@odata.type", "id", "name"]);
+}
+
+#[tokio::test]
+async fn an_expired_subscription_is_gone_and_cannot_be_renewed() {
+    let e = env().await;
+    let (url, _store) = receiver(true).await;
+    let create = |minutes: i64| {
+        json!({
+            "changeType": "created",
+            "notificationUrl": url,
+            "resource": "me/mailFolders('Inbox')/messages",
+            "expirationDateTime": (chrono::Utc::now() + chrono::Duration::minutes(minutes)).to_rfc3339(),
+            "clientState": "s",
+        })
+    };
+    let mut ids = vec![];
+    for _ in 0..2 {
+        let (s, _, v) = e
+            .send(
+                reqwest::Method::POST,
+                "/subscriptions",
+                Some(create(10)),
+                &[],
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let (expiring, renewed) = (&ids[0], &ids[1]);
+    // Renewed in time: lives on.
+    let (s, _, v) = e
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/subscriptions/{renewed}"),
+            Some(json!({"expirationDateTime": (chrono::Utc::now() + chrono::Duration::minutes(60)).to_rfc3339()})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+
+    e.sim.advance_clock(Duration::from_secs(11 * 60));
+
+    let later = (chrono::Utc::now() + chrono::Duration::minutes(11 + 60)).to_rfc3339();
+    let (s, _, v) = e
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/subscriptions/{expiring}"),
+            Some(json!({ "expirationDateTime": later })),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 404, "renewing an expired subscription: {v}");
+    assert_graph_error(&v, "ResourceNotFound");
+    let (s, _, v) = e.get(&format!("/subscriptions/{expiring}")).await;
+    assert_eq!(s, 404, "{v}");
+    assert_graph_error(&v, "ResourceNotFound");
+    let (s, _, v) = e.get("/subscriptions").await;
+    assert_eq!(s, 200);
+    let listed: Vec<&str> = v["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [renewed.as_str()]);
+    assert_eq!(
+        e.sim
+            .subscriptions()
+            .iter()
+            .map(|s| s.id.as_str())
+            .collect::<Vec<_>>(),
+        [renewed.as_str()]
+    );
+    // The one renewed in time can be renewed again.
+    let (s, _, v) = e
+        .send(
+            reqwest::Method::PATCH,
+            &format!("/subscriptions/{renewed}"),
+            Some(json!({ "expirationDateTime": later })),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test]
+async fn token_endpoint_throttles_with_429_and_refuses_unknown_tenants_as_invalid_request() {
+    let e = env().await;
+    let cfg = e.sim.config();
+    let rt = e
+        .sim
+        .issue_tokens_for(&e.user, SCOPES)
+        .refresh_token
+        .unwrap();
+    let refresh = |tenant: &str| {
+        e.http
+            .post(format!("{}/{tenant}/oauth2/v2.0/token", e.sim.base_url()))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", rt.as_str()),
+                ("client_id", cfg.client_id.as_str()),
+                ("client_secret", cfg.client_secret.as_str()),
+            ])
+            .send()
+    };
+
+    e.sim.set_fault(
+        FaultRule::new(FaultKind::TooManyRequests {
+            retry_after: Some("2.5".into()),
+        })
+        .path("/oauth2/v2.0/token")
+        .times(1),
+    );
+    let r = refresh("common").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "2.5");
+    assert_eq!(r.text().await.unwrap(), "Too Many Requests");
+    assert_eq!(refresh("common").await.unwrap().status(), 200);
+
+    let r = refresh("no-such-tenant.example").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_aad_error(&v, "invalid_request", 90002);
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("Tenant 'no-such-tenant.example' not found"),
+        "{v}"
+    );
+}

@@ -9,8 +9,8 @@ use graph_sim::{FaultKind, FaultRule, GraphSim, InboundMail, SimConfig, SimUser}
 use jobs::graph::{
     AccessTokenSource, DeltaChange, DeltaOptions, ErrorClass, GraphClient, GraphConfig, GraphError,
     IdentityClient, IdentityConfig, ItemBody, ListMessagesQuery, LocalConcurrencyGate,
-    MailboxProbe, MessagePatch, Page, ReplyContent, RetryPolicy, TenantSegment, TokenError,
-    TokenSourceError, WellKnownFolder, build_http_client,
+    MailboxProbe, MessagePatch, NoGate, Page, ReplyContent, RequestGate, RetryPolicy,
+    TenantSegment, TokenError, TokenSourceError, WellKnownFolder, build_http_client,
 };
 use jobs::ids::MicrosoftMessageId;
 use secrecy::{ExposeSecret as _, SecretString};
@@ -462,22 +462,162 @@ async fn unavailable_without_retry_after_backs_off() {
     w.sim.shutdown().await;
 }
 
+const INBOX_LISTING: &str = "GET /me/mailFolders/{id}/messages";
+
+/// Eight inbox listings at once through `gate`, each held 200 ms inside graph-sim's
+/// MailboxConcurrency window (a mailbox-scoped route, so the simulator counts and limits it).
+async fn eight_overlapping_inbox_listings(gate: Arc<dyn RequestGate>) -> World {
+    let w = world().await;
+    deliver(&w, 1);
+    w.sim.set_fault(
+        FaultRule::new(FaultKind::Delay { millis: 200 })
+            .path("/messages")
+            .method("GET"),
+    );
+    let graph = w.graph.clone().with_gate(gate);
+    let query = ListMessagesQuery::default();
+    let inbox: jobs::graph::FolderRef = WellKnownFolder::Inbox.into();
+    let calls = (0..8).map(|_| graph.list_messages(&inbox, &query));
+    for result in futures::future::join_all(calls).await {
+        // Without a gate some calls are throttled first; the client waits out Retry-After.
+        assert_eq!(result.unwrap().value.len(), 1);
+    }
+    w
+}
+
 #[tokio::test]
 async fn a_local_gate_keeps_within_mailbox_concurrency() {
+    // Control: no gate. The mailbox sees more than 4 requests at once and graph-sim throttles
+    // the ones over the limit with 429 ApplicationThrottled.
+    let open = eight_overlapping_inbox_listings(Arc::new(NoGate)).await;
+    let stats = open.sim.stats();
+    assert!(
+        stats.max_concurrency_for(&open.user.upn) > 4,
+        "control run never went over the limit: {stats:?}"
+    );
+    assert!(stats.route_status(INBOX_LISTING, 429) > 0, "{stats:?}");
+    let throttled: Vec<_> = open
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|e| e.status == 429)
+        .collect();
+    assert!(!throttled.is_empty());
+    assert!(
+        throttled
+            .iter()
+            .all(|e| e.error_code.as_deref() == Some("ApplicationThrottled")),
+        "{throttled:?}"
+    );
+    open.sim.shutdown().await;
+
+    // A local gate of 4: exactly 4 at once (the gate is used to the full), none throttled.
+    let gated = eight_overlapping_inbox_listings(Arc::new(LocalConcurrencyGate::new(4))).await;
+    let stats = gated.sim.stats();
+    assert_eq!(stats.max_concurrency_for(&gated.user.upn), 4, "{stats:?}");
+    assert_eq!(stats.throttled, 0, "{stats:?}");
+    assert_eq!(stats.route_status(INBOX_LISTING, 200), 8, "{stats:?}");
+    assert_eq!(stats.route(INBOX_LISTING), 8, "{stats:?}");
+    gated.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn attachment_listing_carries_the_inline_content_id() {
     let w = world().await;
-    w.sim
-        .set_fault(FaultRule::new(FaultKind::Delay { millis: 100 }).path("/v1.0/me"));
-    let gated = w
-        .graph
-        .clone()
-        .with_gate(Arc::new(LocalConcurrencyGate::new(4)));
-    let calls = (0..8).map(|_| gated.get_me());
-    for result in futures::future::join_all(calls).await {
-        result.unwrap();
-    }
-    let stats = w.sim.stats();
-    assert_eq!(stats.throttled, 0);
-    assert!(stats.max_concurrency.values().all(|&n| n <= 4), "{stats:?}");
+    let delivered = w.sim.deliver(
+        &w.user,
+        InboundMail::new("customer@fabrikam.com", "Screenshot")
+            .html("<p>Look <img src=\"cid:img1\"></p>")
+            .attachment(graph_sim::InboundAttachment {
+                is_inline: true,
+                content_id: Some("img1".into()),
+                ..graph_sim::InboundAttachment::file("shot.png", "image/png", &[1, 2, 3])
+            })
+            .attachment(graph_sim::InboundAttachment::file(
+                "invoice.pdf",
+                "application/pdf",
+                &[4, 5],
+            )),
+    );
+    let id = MicrosoftMessageId::try_from(delivered.immutable_id.clone()).unwrap();
+    let list = w.graph.list_attachments(&id).await.unwrap();
+    assert_eq!(list.len(), 2);
+    let inline = list
+        .iter()
+        .find(|a| a.name.as_deref() == Some("shot.png"))
+        .unwrap();
+    // What the body's `cid:img1` names: the link between the HTML and the stored attachment.
+    assert_eq!(inline.content_id.as_deref(), Some("img1"));
+    assert_eq!(inline.is_inline, Some(true));
+    assert_eq!(
+        inline.odata_type.as_deref(),
+        Some("#microsoft.graph.fileAttachment")
+    );
+    let file = list
+        .iter()
+        .find(|a| a.name.as_deref() == Some("invoice.pdf"))
+        .unwrap();
+    assert_eq!(file.content_id, None);
+    assert_eq!(file.is_inline, Some(false));
+    // Metadata only: the one request selected no content bytes.
+    let log = w.sim.request_log();
+    let listing = log
+        .iter()
+        .find(|e| e.route == "GET /me/messages/{id}/attachments")
+        .unwrap();
+    assert_eq!(listing.status, 200);
+    assert!(!listing.query.contains("contentBytes"), "{}", listing.query);
+    w.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_throttled_token_endpoint_is_retryable_after_its_retry_after() {
+    let w = world().await;
+    w.sim.set_fault(
+        FaultRule::new(FaultKind::TooManyRequests {
+            retry_after: Some("2.5".into()),
+        })
+        .path("/oauth2/v2.0/token")
+        .times(1),
+    );
+    let refresh = w.tokens.state.lock().unwrap().1.clone();
+    let err = w
+        .identity
+        .refresh(&TenantSegment::common(), &refresh)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, TokenError::Transient { status: 429, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.class(),
+        ErrorClass::Retryable {
+            after: Some(Duration::from_millis(2500))
+        }
+    );
+    // The fault fired once; the same refresh token still works.
+    w.identity
+        .refresh(&TenantSegment::common(), &refresh)
+        .await
+        .unwrap();
+    w.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unknown_tenant_is_a_configuration_error_not_a_reconnect() {
+    let w = world().await;
+    let refresh = w.tokens.state.lock().unwrap().1.clone();
+    let tenant = TenantSegment::parse("no-such-tenant.example").unwrap();
+    let err = w.identity.refresh(&tenant, &refresh).await.unwrap_err();
+    assert!(
+        matches!(&err, TokenError::Rejected { status: 400, error, .. } if error == "invalid_request"),
+        "{err:?}"
+    );
+    assert_eq!(err.aadsts_codes(), [90002]);
+    // The user's grant is fine; the deployment's authority is wrong. Reconnecting would not help.
+    assert_eq!(err.class(), ErrorClass::Configuration, "{err}");
+    assert!(!err.to_string().contains(refresh.expose_secret()));
     w.sim.shutdown().await;
 }
 

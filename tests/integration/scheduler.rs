@@ -1045,3 +1045,73 @@ async fn lifecycle_events_recreate_renew_and_resync() {
     stop.send(()).unwrap();
     running.await.unwrap();
 }
+
+/// Graph deletes a subscription once its expirationDateTime passes; renewing it then answers
+/// 404. The maintenance pass must not stop there: it drops the row, creates a new subscription
+/// and queues the catch-up sync for mail that arrived while nobody was subscribed.
+#[tokio::test]
+async fn a_subscription_that_expired_in_graph_is_recreated_with_a_catch_up_sync() {
+    let w = world().await;
+    assert!(w.sim.subscriptions().is_empty());
+    let services = w.app.endpoints.services(&w.app.db.pool);
+    let graph = jobs::accounts::graph_client(&services, w.tenant, w.account);
+    // A subscription two minutes from its end, as if renewals had been failing for days; our
+    // row still thinks it is alive.
+    let old = graph
+        .create_subscription(&jobs::graph::NewSubscription {
+            change_type: "created".into(),
+            notification_url: w.webhooks.notification_url(),
+            lifecycle_notification_url: Some(w.webhooks.lifecycle_url()),
+            resource: jobs::webhooks::INBOX_RESOURCE.into(),
+            expiration_date_time: chrono::Utc::now() + chrono::TimeDelta::minutes(2),
+            client_state: "old-state".into(),
+        })
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO graph_subscriptions (subscription_id, tenant_id, email_account_id, folder,
+                                          resource, client_state_hash, expires_at)
+         VALUES ($1, $2, $3, 'inbox', 'me/mailFolders(''Inbox'')/messages',
+                 sha256(convert_to('old-state', 'UTF8')), $4)",
+    )
+    .bind(&old.id)
+    .bind(w.tenant.as_uuid())
+    .bind(w.account.as_uuid())
+    .bind(old.expiration_date_time)
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(w.sim.subscriptions().len(), 1);
+
+    // Graph's clock passes the expiry: Graph has deleted it.
+    w.sim.advance_clock(Duration::from_secs(3 * 60));
+    assert!(w.sim.subscriptions().is_empty());
+    w.finish_all_jobs().await;
+
+    let report = w
+        .scheduler("replica-a")
+        .maintain_subscriptions()
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.renewed, report.created, report.failed),
+        (0, 1, 0),
+        "{report:?}"
+    );
+    let renewals: Vec<u16> = w
+        .sim
+        .request_log()
+        .iter()
+        .filter(|e| e.method == "PATCH" && e.path.ends_with(&format!("/subscriptions/{}", old.id)))
+        .map(|e| e.status)
+        .collect();
+    assert_eq!(renewals, [404], "the renewal found it gone");
+    let new = w.wait_for_subscription(Some(&old.id)).await;
+    assert!(new.expiration > chrono::Utc::now() + chrono::TimeDelta::minutes(4100));
+    assert_eq!(
+        count(&w.app.db.pool, "SELECT count(*) FROM graph_subscriptions").await,
+        1,
+        "the expired subscription's row is gone"
+    );
+    w.wait_for_pending_sync(Duration::from_secs(5)).await;
+}

@@ -779,8 +779,10 @@ impl GraphClient {
         self.get_json("get_message", url, &[PREFER_HTML_BODY]).await
     }
 
-    /// `GET {mailbox}/messages/{id}/attachments`, metadata only. `$select` stays on base-type
-    /// properties (`contentId` exists only on file attachments and would make Graph refuse it).
+    /// `GET {mailbox}/messages/{id}/attachments`, metadata only (no `contentBytes`). `contentId`
+    /// (what a body's `cid:` URLs name) exists only on file attachments: named bare in `$select`
+    /// Graph refuses the whole request (400, no property `contentId` on `microsoft.graph.attachment`),
+    /// so it is selected through the OData type cast and comes back on file attachments only.
     #[instrument(skip_all, fields(mailbox = %self.mailbox))]
     pub async fn list_attachments(
         &self,
@@ -789,7 +791,10 @@ impl GraphClient {
         let mut url = self.mailbox_url(&["messages", id.as_str(), "attachments"]);
         set_query(
             &mut url,
-            &[("$select", "id,name,contentType,size,isInline".into())],
+            &[(
+                "$select",
+                "id,name,contentType,size,isInline,microsoft.graph.fileAttachment/contentId".into(),
+            )],
         );
         let mut page: Page<AttachmentInfo> = self.get_json("list_attachments", url, &[]).await?;
         let mut all = std::mem::take(&mut page.value);
