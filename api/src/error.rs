@@ -59,9 +59,14 @@ pub enum ApiError {
     /// Something failed on our side; the detail is in the server log under the request id.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// A dependency (the database) is unavailable.
+    /// A dependency (the database, Microsoft Graph) is unavailable; try again later.
     #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
+    Unavailable(
+        Json<ErrorBody>,
+        /// Seconds to wait before trying again, when known.
+        #[oai(header = "Retry-After")]
+        Option<u32>,
+    ),
 }
 
 impl ApiError {
@@ -83,7 +88,9 @@ impl ApiError {
     pub fn unprocessable(msg: impl Into<String>) -> Self {
         Self::Unprocessable(ErrorBody::new("validation_failed", msg))
     }
-    /// Logs the full chain and answers with a generic message.
+    /// Logs the full chain and answers with a generic message: 503 with a Retry-After when
+    /// the chain shows the database unreachable (a client should come back; nothing is wrong
+    /// with its request), else 500.
     pub fn internal(err: &(dyn std::error::Error + 'static)) -> Self {
         let mut chain = err.to_string();
         let mut source = err.source();
@@ -92,12 +99,36 @@ impl ApiError {
             chain.push_str(&s.to_string());
             source = s.source();
         }
+        if database_unavailable(err) {
+            tracing::error!(error = %chain, "database unavailable");
+            return Self::Unavailable(
+                ErrorBody::new(
+                    "database_unavailable",
+                    "the database is unavailable; try again shortly",
+                ),
+                Some(DATABASE_RETRY_AFTER_SECS),
+            );
+        }
         tracing::error!(error = %chain, "internal error");
         Self::Internal(ErrorBody::new(
             "internal",
             "an internal error occurred; quote the request id when reporting it",
         ))
     }
+}
+
+/// What a 503 for an unreachable database asks clients to wait: long enough for a restart or
+/// a failover to finish, short next to the pool's own 10 s wait for a connection.
+pub const DATABASE_RETRY_AFTER_SECS: u32 = 5;
+
+/// Whether any error in `err`'s chain is a database connection failure. Errors of every
+/// layer (queue, connect flow, tokens) wrap the sqlx error, so the chain is searched rather
+/// than each wrapper matched.
+#[must_use]
+pub fn database_unavailable(err: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(err), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<sqlx::Error>())
+        .any(jobs::db::is_connection_failure)
 }
 
 impl From<jobs::queue::QueueError> for ApiError {

@@ -178,6 +178,27 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await.map_err(DbError::Migrate)
 }
 
+/// Whether `err` means the database could not be reached or dropped the connection (the
+/// server is down, restarting, refusing connections or out of them), rather than that a
+/// statement failed: the first is worth retrying later, the second is a bug or bad data.
+#[must_use]
+pub fn is_connection_failure(err: &sqlx::Error) -> bool {
+    match err {
+        // Connection refused is an Io error; the pool retries it until its acquire timeout,
+        // which then surfaces as PoolTimedOut.
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // Class 08: connection exception; 57P01-57P03: the server is shutting down,
+            // crashed or is starting up; 53300: too many connections.
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
+    }
+}
+
 /// Readiness: the database answers and every migration this binary knows is applied.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Readiness {

@@ -760,7 +760,8 @@ async fn ops_overview_and_account_health_follow_the_role_rules() {
     assert_eq!(first["duplicates_skipped"], 1);
     assert_eq!(
         first["reconnect_url"],
-        format!("/api/v1/oauth/connect?account={a1}")
+        format!("/dashboard/accounts/{a1}/reconnect"),
+        "a link a browser can follow (dashboard_reconnect_link_… follows it)"
     );
     let lag = first["sync_lag_seconds"].as_f64().unwrap();
     assert!((94.0..200.0).contains(&lag), "{lag}");
@@ -851,6 +852,255 @@ fn csrf_in(page: &str) -> String {
         .expect("a CSRF field on the page");
     let rest = &page[at + r#"name="csrf" value=""#.len()..];
     rest[..rest.find('"').unwrap()].to_string()
+}
+
+async fn oauth_states(pool: &PgPool) -> Vec<(Uuid, String)> {
+    sqlx::query_as("SELECT tenant_id, user_subject FROM oauth_states ORDER BY created_at")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// The Accounts page's Reconnect link, followed by a browser with its dashboard session (no
+/// bearer header): the Microsoft sign-in for that mailbox, with the OAuth state in the
+/// mailbox's tenant, whoever clicked.
+#[tokio::test]
+async fn dashboard_reconnect_link_starts_the_sign_in_for_the_accounts_own_tenant() {
+    let TwoTenants {
+        app,
+        ta,
+        tb,
+        ops,
+        admin_a,
+        agent_a,
+    } = two_tenants().await;
+    let pool = &app.db.pool;
+    let a1 = AccountRow {
+        tenant: ta,
+        email: "help@a.example",
+        status: "needs_reauth",
+        last_error: Some("invalid_grant"),
+        ingested: 0,
+        duplicates: 0,
+    }
+    .insert(pool)
+    .await;
+    let link = format!("/dashboard/accounts/{a1}/reconnect");
+
+    // The API and the Accounts page both point at it.
+    let (s, accounts) = get(&app, "/api/v1/accounts", &ops).await;
+    assert_eq!(s, 200, "{accounts}");
+    assert_eq!(accounts[0]["reconnect_url"], link.as_str());
+    let mut dash = DashClient::new(&app);
+    dash.login(&ops).await;
+    let (s, page) = dash.get("/dashboard/accounts", None).await;
+    assert_eq!(s, 200);
+    assert!(page.contains(&format!(r#"href="{link}""#)), "{page}");
+
+    // Without a session: the login page, like every dashboard route; nothing stored.
+    let anonymous = DashClient::new(&app);
+    let resp = anonymous.http.get(app.url(&link)).send().await.unwrap();
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/dashboard/login");
+    assert!(oauth_states(pool).await.is_empty());
+
+    // Ops (their token is from tenant b) are sent to the sign-in for the mailbox's address;
+    // the state belongs to tenant a, whose account the callback must update.
+    let resp = dash
+        .http
+        .get(app.url(&link))
+        .header("cookie", dash.cookie(None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let location = url::Url::parse(resp.headers()["location"].to_str().unwrap()).unwrap();
+    let identity = url::Url::parse(&app.endpoints.identity_base_url).unwrap();
+    assert_eq!(location.origin(), identity.origin(), "{location}");
+    assert!(
+        location.path().ends_with("/oauth2/v2.0/authorize"),
+        "{location}"
+    );
+    let query: std::collections::HashMap<String, String> =
+        location.query_pairs().into_owned().collect();
+    assert_eq!(query["login_hint"], "help@a.example");
+    assert!(!query["state"].is_empty());
+    assert_eq!(
+        oauth_states(pool).await,
+        vec![(ta.as_uuid(), "test-user".to_string())],
+        "the state is the account's tenant's, not the ops user's tenant b"
+    );
+
+    // Tenant b's admin cannot reach tenant a's mailbox; tenant a's admin can.
+    let admin_b = app.token(tb, TestRole::Admin);
+    let mut dash_b = DashClient::new(&app);
+    dash_b.login(&admin_b).await;
+    let (s, page) = dash_b.get(&link, None).await;
+    assert_eq!(s, 404, "{page}");
+    assert_eq!(
+        oauth_states(pool).await.len(),
+        1,
+        "a refusal stores nothing"
+    );
+    let mut dash_a = DashClient::new(&app);
+    dash_a.login(&admin_a).await;
+    let resp = dash_a
+        .http
+        .get(app.url(&link))
+        .header("cookie", dash_a.cookie(None))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    assert!(
+        resp.headers()["location"]
+            .to_str()
+            .unwrap()
+            .contains("login_hint=help%40a.example")
+    );
+    assert!(
+        oauth_states(pool)
+            .await
+            .iter()
+            .all(|(t, _)| *t == ta.as_uuid())
+    );
+
+    // Unknown and malformed ids are not found; agents cannot use the dashboard at all.
+    for path in [
+        format!("/dashboard/accounts/{}/reconnect", Uuid::new_v4()),
+        "/dashboard/accounts/not-an-id/reconnect".to_string(),
+    ] {
+        let (s, _) = dash.get(&path, None).await;
+        assert_eq!(s, 404, "{path}");
+    }
+    let resp = dash
+        .http
+        .get(app.url(&link))
+        .header("cookie", format!("gd_session={agent_a}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(oauth_states(pool).await.len(), 2);
+}
+
+/// An ops action and its audit row commit together: when the audit row cannot be written the
+/// action answers an error and the job is left as it was.
+#[tokio::test]
+async fn ops_actions_change_nothing_when_their_audit_row_cannot_be_written() {
+    let TwoTenants {
+        app,
+        ta,
+        ops,
+        admin_a,
+        ..
+    } = two_tenants().await;
+    let pool = &app.db.pool;
+    let dead = JobRow::dead(ta, "boom").insert(pool).await;
+    let pending = JobRow {
+        tenant: Some(ta),
+        ..JobRow::default()
+    }
+    .insert(pool)
+    .await;
+    let attempts = |id: i64| async move {
+        sqlx::query_scalar::<_, i32>("SELECT attempts FROM queue_jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    };
+    // The audit insert fails inside the database, after the job's UPDATE has run.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RAISE EXCEPTION 'audit_log is refusing rows in this test'; END $$;
+         CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_log
+             FOR EACH ROW EXECUTE FUNCTION refuse_audit();",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+
+    let (s, body) = post(
+        &app,
+        &format!("/api/v1/jobs/{dead}/retry"),
+        &admin_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 500, "{body}");
+    assert_eq!(body["code"], "internal");
+    assert!(!body["request_id"].as_str().unwrap().is_empty());
+    assert_eq!(status_of(pool, dead).await.as_deref(), Some("dead"));
+    assert_eq!(attempts(dead).await, 2, "the attempt budget is untouched");
+
+    let (s, body) = post(
+        &app,
+        &format!("/api/v1/jobs/{pending}/cancel"),
+        &admin_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 500, "{body}");
+    assert_eq!(status_of(pool, pending).await.as_deref(), Some("pending"));
+
+    let (s, body) = post(&app, "/api/v1/jobs/retry", &ops, json!({})).await;
+    assert_eq!(s, 500, "{body}");
+    assert_eq!(status_of(pool, dead).await.as_deref(), Some("dead"));
+
+    // The dashboard's form runs the same action.
+    let mut dash = DashClient::new(&app);
+    dash.login(&admin_a).await;
+    let (_, page) = dash.get(&format!("/dashboard/jobs/{dead}"), None).await;
+    let csrf = csrf_in(&page);
+    let resp = dash
+        .post(&format!("/dashboard/jobs/{dead}/retry"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(resp.status(), 500);
+    assert_eq!(status_of(pool, dead).await.as_deref(), Some("dead"));
+    assert!(audit_rows(pool).await.is_empty());
+
+    // With the audit log back, each action lands with its row.
+    sqlx::query("DROP TRIGGER refuse_audit ON audit_log")
+        .execute(pool)
+        .await
+        .unwrap();
+    let (s, body) = post(
+        &app,
+        &format!("/api/v1/jobs/{dead}/retry"),
+        &admin_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(status_of(pool, dead).await.as_deref(), Some("pending"));
+    assert_eq!(attempts(dead).await, 0);
+    let (s, body) = post(
+        &app,
+        &format!("/api/v1/jobs/{pending}/cancel"),
+        &admin_a,
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(status_of(pool, pending).await.as_deref(), Some("cancelled"));
+    let (s, body) = post(&app, "/api/v1/jobs/retry", &ops, json!({})).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["count"], 1, "the cancelled job");
+    assert_eq!(status_of(pool, pending).await.as_deref(), Some("pending"));
+    let audit: Vec<(String, String)> = audit_rows(pool)
+        .await
+        .into_iter()
+        .map(|a| (a.action, a.entity_id))
+        .collect();
+    assert_eq!(
+        audit,
+        vec![
+            ("job.retried".to_string(), dead.to_string()),
+            ("job.cancelled".to_string(), pending.to_string()),
+            ("job.bulk_retried".to_string(), "filter".to_string()),
+        ]
+    );
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use graphdesk_tests::{TestDb, WorkerOptions, spawn_worker, wait_for_count};
 use jobs::config::QueueSettings;
 use jobs::ids::{AccountId, JobId, TenantId};
 use jobs::kinds::{Probe, SyncMailbox};
-use jobs::queue::{EnqueueOptions, JobFilter, JobStatus, Queue, enqueue_in};
+use jobs::queue::{AuditEntry, EnqueueOptions, JobFilter, JobStatus, Queue, enqueue_in};
 use nix::sys::signal::Signal;
 
 fn opts(f: impl FnOnce(&mut QueueSettings)) -> WorkerOptions {
@@ -660,17 +660,45 @@ async fn ops_can_list_retry_cancel_and_purge() {
             .is_empty()
     );
 
-    assert!(queue.retry_job(dead[0]).await.unwrap());
+    // Each action writes its audit row; the dashboard's own tests check the rows.
+    let audit = |action| AuditEntry {
+        tenant: Some(tenant.as_uuid()),
+        actor: "queue-test",
+        action,
+        entity_type: "job",
+        entity_id: "test",
+        details: serde_json::json!({}),
+    };
     assert!(
-        !queue.retry_job(dead[0]).await.unwrap(),
+        queue
+            .retry_job(dead[0], &audit("job.retried"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !queue
+            .retry_job(dead[0], &audit("job.retried"))
+            .await
+            .unwrap(),
         "a pending job is not retried twice"
     );
     let j = job(&queue, dead[0]).await;
     assert_eq!((j.status.as_str(), j.attempts), ("pending", 0));
     assert_eq!(j.errors.as_array().unwrap().len(), 1, "history kept");
-    assert_eq!(queue.retry_matching(&filter).await.unwrap(), 2);
+    assert_eq!(
+        queue
+            .retry_matching(&filter, |_| audit("job.bulk_retried"))
+            .await
+            .unwrap(),
+        2
+    );
 
-    assert!(queue.cancel_job(dead[1]).await.unwrap());
+    assert!(
+        queue
+            .cancel_job(dead[1], &audit("job.cancelled"))
+            .await
+            .unwrap()
+    );
     assert_eq!(job(&queue, dead[1]).await.status, "cancelled");
 
     sqlx::query("UPDATE queue_jobs SET finished_at = now() - interval '8 days' WHERE id = $1")

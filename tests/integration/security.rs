@@ -778,3 +778,89 @@ async fn pools_derived_from_a_role_pool_keep_its_role() {
         ("graphdesk_system", "off")
     );
 }
+
+/// A database outage is a 503 with Retry-After, not a 500: the request was fine and is worth
+/// repeating. The api here reaches its database at a port nothing listens on (connection
+/// refused until the pool's acquire timeout), then through a closed pool.
+#[tokio::test]
+async fn an_unreachable_database_answers_503_with_retry_after_and_a_request_id() {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+    let nowhere = PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(free_port())
+        .username("postgres")
+        .database("graphdesk");
+    // A short acquire timeout keeps the test quick; production waits 10 s.
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy_with(nowhere);
+    let services =
+        jobs::services::Services::new(pool.clone(), &Endpoints::unreachable().integration())
+            .expect("services");
+    let jwt = api::auth::JwtConfig::new(JWT_SECRET.into(), "graphdesk", "graphdesk-api");
+    let state = api::AppState::new(services, jwt.clone(), api::Limits::default());
+    let (acceptor, address) = graphdesk_tests::bind_api().await;
+    let server = tokio::spawn(async move {
+        let _ = poem::Server::new_with_acceptor(acceptor)
+            .run(api::build_app(state))
+            .await;
+    });
+    let tenant = TenantId::new();
+    let ops = jwt.mint(
+        "ops-user",
+        tenant,
+        TestRole::Ops,
+        chrono::Duration::hours(1),
+    );
+    let agent = jwt.mint("agent", tenant, TestRole::Agent, chrono::Duration::hours(1));
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    let expect_503 = |resp: reqwest::Response| async move {
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["retry-after"], "5");
+        let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        let body: serde_json::Value = resp.json().await.expect("a JSON error body");
+        assert_eq!(body["code"], "database_unavailable", "{body}");
+        assert_eq!(body["request_id"], request_id.as_str());
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            !message.contains("127.0.0.1") && !message.contains("refused"),
+            "no internals in the message: {message}"
+        );
+    };
+    // The queue's ops views (QueueError) and a tenant's tickets (a bare sqlx error).
+    for (path, token) in [("/api/v1/jobs", &ops), ("/api/v1/tickets", &agent)] {
+        let resp = client
+            .get(format!("{address}{path}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        expect_503(resp).await;
+    }
+    // The dashboard says the same in its own page.
+    let resp = client
+        .get(format!("{address}/dashboard/jobs"))
+        .header("cookie", format!("gd_session={ops}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "5");
+
+    // A pool that was closed (shutting down) is unavailable too.
+    pool.close().await;
+    let resp = client
+        .get(format!("{address}/api/v1/jobs"))
+        .bearer_auth(&ops)
+        .send()
+        .await
+        .unwrap();
+    expect_503(resp).await;
+    server.abort();
+}

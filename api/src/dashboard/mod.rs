@@ -74,6 +74,7 @@ pub fn routes() -> impl Endpoint<Output = Response> {
         .at("/jobs/:id/retry", post(retry_job))
         .at("/jobs/:id/cancel", post(cancel_job))
         .at("/accounts", get(accounts_page))
+        .at("/accounts/:id/reconnect", get(reconnect_account))
         .at("/tenants", get(tenants_page))
         .at("/tenants/:id/concurrency", post(set_tenant_concurrency))
         .data(DashboardConfig::from_env())
@@ -237,24 +238,52 @@ fn forbidden_page() -> Response {
 }
 
 fn error_response(s: &Session, e: OpsError) -> Response {
+    let failure: Option<&(dyn std::error::Error + 'static)> = match &e {
+        OpsError::Queue(err) => Some(err),
+        OpsError::Connect(err) => Some(err),
+        _ => None,
+    };
+    if let Some(err) = failure {
+        tracing::error!(error = %err, source = ?err.source(), "dashboard action failed");
+        // Same rule as the API (crate::error): an unreachable database is worth a retry.
+        let request_id = crate::error::current_request_id();
+        let (status, title, msg) = if crate::error::database_unavailable(err) {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Database unavailable",
+                format!(
+                    "The database cannot be reached right now; try again shortly (request id {request_id})."
+                ),
+            )
+        } else {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Something went wrong",
+                format!(
+                    "An internal error occurred; quote request id {request_id} when reporting it."
+                ),
+            )
+        };
+        let mut resp = html(status, pages::error_page(s, title, &msg));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                crate::error::DATABASE_RETRY_AFTER_SECS.into(),
+            );
+        }
+        return resp;
+    }
     let (status, title) = match &e {
         OpsError::Forbidden(_) => (StatusCode::FORBIDDEN, "Not allowed"),
         OpsError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
         OpsError::Conflict(_) => (StatusCode::CONFLICT, "Not possible"),
         OpsError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid request"),
-        OpsError::Queue(err) => {
-            tracing::error!(error = %err, source = ?std::error::Error::source(err), "dashboard query failed");
+        // Answered above, without their internals.
+        OpsError::Queue(_) | OpsError::Connect(_) => {
             (StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong")
         }
     };
-    let msg = match e {
-        OpsError::Queue(_) => format!(
-            "An internal error occurred; quote request id {} when reporting it.",
-            crate::error::current_request_id()
-        ),
-        other => other.to_string(),
-    };
-    html(status, pages::error_page(s, title, &msg))
+    html(status, pages::error_page(s, title, &e.to_string()))
 }
 
 // ---- login ----
@@ -449,6 +478,30 @@ async fn accounts_page(req: &Request, Data(state): Data<&AppState>) -> Response 
     };
     match service::accounts(state, &s.principal).await {
         Ok(accounts) => page(&s, pages::accounts(&s, &accounts)),
+        Err(e) => error_response(&s, e),
+    }
+}
+
+/// The Accounts page's Reconnect link: starts the Microsoft sign-in for the mailbox and sends
+/// the browser there. A GET, so it works as a plain link; the state it stores is single use
+/// and expires, and the SameSite=Strict session cookie keeps other sites from triggering it.
+#[handler]
+async fn reconnect_account(
+    req: &Request,
+    Data(state): Data<&AppState>,
+    Path(id): Path<String>,
+) -> Response {
+    let s = match session(req, state) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let result = match id.parse::<AccountId>() {
+        Ok(account) => service::reconnect_account(state, &s.principal, account).await,
+        // Not an account id: as unknown as a missing account.
+        Err(_) => Err(OpsError::NotFound("account")),
+    };
+    match result {
+        Ok(url) => redirect(&url, None),
         Err(e) => error_response(&s, e),
     }
 }

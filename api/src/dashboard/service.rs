@@ -3,7 +3,8 @@
 //! their own, agents on nothing.
 
 use chrono::{Duration, Utc};
-use jobs::ids::{JobId, TenantId};
+use jobs::accounts::connect::{ConnectError, start_reconnect};
+use jobs::ids::{AccountId, JobId, TenantId};
 use jobs::queue::{
     AccountHealth, Actor, AuditEntry, ConcurrencyLimit, JobFilter, JobRecord, OldestPending,
     QueueCount, QueueError, TenantConcurrency, ThroughputBucket,
@@ -32,6 +33,8 @@ pub enum OpsError {
     Invalid(String),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
 }
 
 /// Which tenant a principal's ops views are limited to: `None` means every tenant.
@@ -81,43 +84,43 @@ pub async fn get_job(state: &AppState, p: &Principal, id: i64) -> Result<JobReco
 
 pub async fn retry_job(state: &AppState, p: &Principal, id: i64) -> Result<JobRecord, OpsError> {
     let job = get_job(state, p, id).await?;
-    if !state.queue.retry_job(JobId::new(id)).await? {
+    let entity_id = id.to_string();
+    let entry = audit_entry(
+        p,
+        job.tenant_id,
+        "job.retried",
+        "job",
+        &entity_id,
+        json!({ "queue": job.queue, "previous_status": job.status, "previous_attempts": job.attempts }),
+    );
+    if !state.queue.retry_job(JobId::new(id), &entry).await? {
         return Err(OpsError::Conflict(format!(
             "job {id} is {}: only dead or cancelled jobs can be retried",
             job.status
         )));
     }
-    audit(
-        state,
-        p,
-        job.tenant_id,
-        "job.retried",
-        "job",
-        &id.to_string(),
-        json!({ "queue": job.queue, "previous_status": job.status, "previous_attempts": job.attempts }),
-    )
-    .await?;
+    counted("job.retried");
     get_job(state, p, id).await
 }
 
 pub async fn cancel_job(state: &AppState, p: &Principal, id: i64) -> Result<JobRecord, OpsError> {
     let job = get_job(state, p, id).await?;
-    if !state.queue.cancel_job(JobId::new(id)).await? {
+    let entity_id = id.to_string();
+    let entry = audit_entry(
+        p,
+        job.tenant_id,
+        "job.cancelled",
+        "job",
+        &entity_id,
+        json!({ "queue": job.queue }),
+    );
+    if !state.queue.cancel_job(JobId::new(id), &entry).await? {
         return Err(OpsError::Conflict(format!(
             "job {id} is {}: only pending jobs can be cancelled",
             job.status
         )));
     }
-    audit(
-        state,
-        p,
-        job.tenant_id,
-        "job.cancelled",
-        "job",
-        &id.to_string(),
-        json!({ "queue": job.queue }),
-    )
-    .await?;
+    counted("job.cancelled");
     get_job(state, p, id).await
 }
 
@@ -128,17 +131,20 @@ pub async fn bulk_retry(
     filter: JobFilter,
 ) -> Result<u64, OpsError> {
     let filter = scoped_filter(p, filter)?;
-    let n = state.queue.retry_matching(&filter).await?;
-    audit(
-        state,
-        p,
-        filter.tenant.map(|t| t.as_uuid()),
-        "job.bulk_retried",
-        "jobs",
-        "filter",
-        json!({ "filter": filter_json(&filter), "retried": n }),
-    )
-    .await?;
+    let n = state
+        .queue
+        .retry_matching(&filter, |n| {
+            audit_entry(
+                p,
+                filter.tenant.map(|t| t.as_uuid()),
+                "job.bulk_retried",
+                "jobs",
+                "filter",
+                json!({ "filter": filter_json(&filter), "retried": n }),
+            )
+        })
+        .await?;
+    counted("job.bulk_retried");
     Ok(n)
 }
 
@@ -155,17 +161,20 @@ pub async fn purge(state: &AppState, p: &Principal, days: u32) -> Result<u64, Op
         )));
     }
     let before = Utc::now() - Duration::days(i64::from(days));
-    let n = state.queue.purge_finished(before).await?;
-    audit(
-        state,
-        p,
-        None,
-        "jobs.purged",
-        "jobs",
-        "finished",
-        json!({ "older_than_days": days, "before": before, "purged": n }),
-    )
-    .await?;
+    let n = state
+        .queue
+        .purge_finished_audited(before, |n| {
+            audit_entry(
+                p,
+                None,
+                "jobs.purged",
+                "jobs",
+                "finished",
+                json!({ "older_than_days": days, "before": before, "purged": n }),
+            )
+        })
+        .await?;
+    counted("jobs.purged");
     Ok(n)
 }
 
@@ -247,6 +256,21 @@ pub async fn accounts(state: &AppState, p: &Principal) -> Result<Vec<AccountHeal
     Ok(state.queue.account_health(own).await?)
 }
 
+/// Where to send an admin's browser to re-consent `account`: the Microsoft sign-in, for the
+/// mailbox's address, with the OAuth state in the account's tenant. Ops may reconnect any
+/// tenant's mailbox, an admin only their own tenant's (another's is not found).
+pub async fn reconnect_account(
+    state: &AppState,
+    p: &Principal,
+    account: AccountId,
+) -> Result<String, OpsError> {
+    let within = scope(p)?;
+    start_reconnect(&state.services, account, within, &p.subject)
+        .await?
+        .map(String::from)
+        .ok_or(OpsError::NotFound("account"))
+}
+
 fn filter_json(f: &JobFilter) -> Value {
     json!({
         "queue": f.queue,
@@ -256,29 +280,28 @@ fn filter_json(f: &JobFilter) -> Value {
     })
 }
 
-async fn audit(
-    state: &AppState,
-    p: &Principal,
+/// The audit row of an ops action; the queue writes it in the action's own transaction.
+fn audit_entry<'a>(
+    p: &'a Principal,
     tenant: Option<uuid::Uuid>,
     action: &'static str,
-    entity_type: &str,
-    entity_id: &str,
+    entity_type: &'static str,
+    entity_id: &'a str,
     details: Value,
-) -> Result<(), OpsError> {
+) -> AuditEntry<'a> {
+    AuditEntry {
+        tenant,
+        actor: &p.subject,
+        action,
+        entity_type,
+        entity_id,
+        details: json!({ "role": p.role.as_str(), "detail": details }),
+    }
+}
+
+/// Counts an ops action once it committed, so the metric never counts a rolled-back one.
+fn counted(action: &'static str) {
     metrics::counter!("graphdesk_ops_actions_total", "action" => action).increment(1);
-    let details = json!({ "role": p.role.as_str(), "detail": details });
-    state
-        .queue
-        .audit(&AuditEntry {
-            tenant,
-            actor: &p.subject,
-            action,
-            entity_type,
-            entity_id,
-            details: &details,
-        })
-        .await?;
-    Ok(())
 }
 
 /// Job arguments as ops may see them: the value of any key that names a credential is

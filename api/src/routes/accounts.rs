@@ -129,10 +129,13 @@ fn graph_api_error(e: &jobs::graph::GraphError) -> ApiError {
         ErrorClass::Permanent => ApiError::unprocessable(format!("Microsoft refused: {e}")),
         _ => {
             tracing::warn!(error = %e, "Graph unavailable while listing mailboxes");
-            ApiError::Unavailable(crate::error::ErrorBody::new(
-                "graph_unavailable",
-                "Microsoft Graph is busy or unavailable; try again shortly",
-            ))
+            ApiError::Unavailable(
+                crate::error::ErrorBody::new(
+                    "graph_unavailable",
+                    "Microsoft Graph is busy or unavailable; try again shortly",
+                ),
+                None,
+            )
         }
     }
 }

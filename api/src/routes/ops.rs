@@ -29,6 +29,7 @@ impl From<OpsError> for ApiError {
             OpsError::Conflict(msg) => ApiError::conflict(msg),
             OpsError::Invalid(msg) => ApiError::unprocessable(msg),
             OpsError::Queue(e) => ApiError::internal(&e),
+            OpsError::Connect(e) => ApiError::internal(&e),
         }
     }
 }
@@ -162,7 +163,8 @@ pub struct AccountHealthView {
     pub throttled_until: Option<DateTime<Utc>>,
     pub messages_ingested: i64,
     pub duplicates_skipped: i64,
-    /// Where an admin re-consents a mailbox that needs it.
+    /// The dashboard page where an admin (or ops) re-consents this mailbox: with a dashboard
+    /// session it redirects to the Microsoft sign-in for the mailbox's address.
     pub reconnect_url: String,
 }
 
@@ -186,9 +188,11 @@ impl From<AccountHealth> for AccountHealthView {
     }
 }
 
+/// A link for a browser: a dashboard route, authenticated by the session cookie a browser
+/// sends, unlike the API's connect endpoint, which needs a bearer header no link can carry.
 #[must_use]
 pub fn reconnect_url(account: Uuid) -> String {
-    format!("/api/v1/oauth/connect?account={account}")
+    format!("/dashboard/accounts/{account}/reconnect")
 }
 
 pub struct OpsApi {

@@ -84,6 +84,53 @@ pub async fn start_connect(
         .authorize_url(&services.authority, &state, pkce.challenge(), login_hint))
 }
 
+/// Starts re-consenting an existing mailbox: [`start_connect`] for the account's own tenant
+/// (never the caller's: ops act across tenants, and the callback stores the tokens in the
+/// state's tenant), with the sign-in pre-filled with the mailbox's address. `within` is the
+/// only tenant the caller may act in (`None`: any). `None` when the account does not exist
+/// there, so another tenant's account is indistinguishable from a missing one.
+pub async fn start_reconnect(
+    services: &Services,
+    account: AccountId,
+    within: Option<TenantId>,
+    user_subject: &str,
+) -> Result<Option<Url>, ConnectError> {
+    const FIND: &str = "SELECT tenant_id, email_address FROM helpdesk_email_accounts
+                        WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2)";
+    let found: Option<(uuid::Uuid, String)> = match within {
+        // A tenant's own admin looks through Row Level Security as well as the WHERE clause.
+        Some(tenant) => {
+            let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
+            let row = sqlx::query_as(FIND)
+                .bind(account.as_uuid())
+                .bind(tenant.as_uuid())
+                .fetch_optional(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            row
+        }
+        // Until the account is read its tenant is unknown: a cross-tenant look-up.
+        None => {
+            sqlx::query_as(FIND)
+                .bind(account.as_uuid())
+                .bind(None::<uuid::Uuid>)
+                .fetch_optional(&services.system_pool)
+                .await?
+        }
+    };
+    let Some((tenant, email)) = found else {
+        return Ok(None);
+    };
+    let url = start_connect(
+        services,
+        TenantId::from_uuid(tenant),
+        user_subject,
+        Some(&email),
+    )
+    .await?;
+    Ok(Some(url))
+}
+
 #[derive(Debug, Clone)]
 pub struct Connected {
     pub tenant: TenantId,

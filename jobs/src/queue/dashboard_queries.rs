@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::FromRow;
+use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
 
 use super::error::DbContext;
@@ -188,27 +188,29 @@ impl Queue {
             duplicates_skipped,
         })
     }
+}
 
-    /// Writes one audit row. Ops actions are audited by the caller right after the action
-    /// succeeds, with the job's tenant so a tenant's own audit trail shows them; a job's
-    /// tenant is not a foreign key, so an unknown one is recorded as no tenant rather than
-    /// losing the row.
-    pub async fn audit(&self, entry: &AuditEntry<'_>) -> Result<(), QueueError> {
-        sqlx::query(
-            "INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id, details)
-             VALUES ((SELECT id FROM tenants WHERE id = $1), $2, $3, $4, $5, $6)",
-        )
-        .bind(entry.tenant)
-        .bind(entry.actor)
-        .bind(entry.action)
-        .bind(entry.entity_type)
-        .bind(entry.entity_id)
-        .bind(entry.details)
-        .execute(self.pool())
-        .await
-        .ctx("audit")?;
-        Ok(())
-    }
+/// Inserts one audit row inside the transaction of the action it records, so the action and
+/// its row land together or not at all (README: every ops action writes one). The row
+/// carries the job's tenant so a tenant's own audit trail shows it; a job's tenant is not a
+/// foreign key, so an unknown one is recorded as no tenant rather than losing the row.
+pub(super) async fn insert_audit(
+    conn: &mut PgConnection,
+    entry: &AuditEntry<'_>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id, details)
+         VALUES ((SELECT id FROM tenants WHERE id = $1), $2, $3, $4, $5, $6)",
+    )
+    .bind(entry.tenant)
+    .bind(entry.actor)
+    .bind(entry.action)
+    .bind(entry.entity_type)
+    .bind(entry.entity_id)
+    .bind(&entry.details)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// One row of audit_log.
@@ -219,5 +221,5 @@ pub struct AuditEntry<'a> {
     pub action: &'a str,
     pub entity_type: &'a str,
     pub entity_id: &'a str,
-    pub details: &'a serde_json::Value,
+    pub details: serde_json::Value,
 }

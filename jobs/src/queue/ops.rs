@@ -1,12 +1,13 @@
 //! What ops (the dashboard, the API) can see and do with jobs. Every action is a single
 //! set-based statement guarded by the current status, so two operators clicking at once
-//! cannot resurrect a job twice.
+//! cannot resurrect a job twice, and it commits together with its audit row.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{AssertSqlSafe, FromRow};
+use sqlx::{AssertSqlSafe, FromRow, PgConnection};
 use uuid::Uuid;
 
+use super::dashboard_queries::{AuditEntry, insert_audit};
 use super::error::DbContext;
 use super::{Queue, QueueError};
 use crate::ids::{AccountId, JobId, TenantId};
@@ -134,74 +135,112 @@ impl Queue {
     }
 
     /// Puts a dead or cancelled job back to pending with a fresh attempt budget; its error
-    /// history is kept. Returns false when the job is not in a retryable state.
-    pub async fn retry_job(&self, id: JobId) -> Result<bool, QueueError> {
-        let done = sqlx::query(
+    /// history is kept. The change, its audit row and the workers' wake-up commit together:
+    /// when the audit row cannot be written the job stays as it was. Returns false (and
+    /// audits nothing) when the job is not in a retryable state.
+    pub async fn retry_job(&self, id: JobId, audit: &AuditEntry<'_>) -> Result<bool, QueueError> {
+        let mut tx = self.pool().begin().await.ctx("begin retry_job")?;
+        let queue: Option<String> = sqlx::query_scalar(
             "UPDATE queue_jobs SET status = 'pending', run_at = now(), attempts = 0,
                     finished_at = NULL, updated_at = now()
-             WHERE id = $1 AND status IN ('dead', 'cancelled')",
+             WHERE id = $1 AND status IN ('dead', 'cancelled')
+             RETURNING queue",
         )
         .bind(id.get())
-        .execute(self.pool())
+        .fetch_optional(&mut *tx)
         .await
         .ctx("retry_job")?;
-        if done.rows_affected() > 0 {
-            self.notify_all().await?;
-        }
-        Ok(done.rows_affected() > 0)
+        let Some(queue) = queue else {
+            return Ok(false);
+        };
+        insert_audit(&mut tx, audit).await.ctx("audit retry_job")?;
+        notify_queues(&mut tx, &[queue]).await?;
+        tx.commit().await.ctx("commit retry_job")?;
+        Ok(true)
     }
 
     /// Retries every dead or cancelled job that matches `filter` (the status in the filter is
-    /// ignored); returns how many.
-    pub async fn retry_matching(&self, filter: &JobFilter) -> Result<u64, QueueError> {
+    /// ignored) and writes the audit row `audit` builds from how many, in one transaction;
+    /// returns how many.
+    pub async fn retry_matching<'a>(
+        &self,
+        filter: &JobFilter,
+        audit: impl FnOnce(u64) -> AuditEntry<'a>,
+    ) -> Result<u64, QueueError> {
+        // The count and the queues to wake come back in one row rather than one row per job.
         let sql = format!(
-            "UPDATE queue_jobs SET status = 'pending', run_at = now(), attempts = 0,
-                    finished_at = NULL, updated_at = now()
-             WHERE status IN ('dead', 'cancelled') AND {}",
+            "WITH moved AS (
+                UPDATE queue_jobs SET status = 'pending', run_at = now(), attempts = 0,
+                       finished_at = NULL, updated_at = now()
+                WHERE status IN ('dead', 'cancelled') AND {}
+                RETURNING queue)
+             SELECT count(*), coalesce(array_agg(DISTINCT queue), '{{}}') FROM moved",
             FILTER_SQL.replace(
                 "($2::text IS NULL OR status = $2)",
                 "($2::text IS NULL OR TRUE)"
             )
         );
-        let done = sqlx::query(AssertSqlSafe(sql))
+        let mut tx = self.pool().begin().await.ctx("begin retry_matching")?;
+        let (n, queues): (i64, Vec<String>) = sqlx::query_as(AssertSqlSafe(sql))
             .bind(filter.queue.as_deref())
             .bind(None::<String>)
             .bind(filter.tenant.map(|t| t.as_uuid()))
             .bind(filter.account.map(|a| a.as_uuid()))
             .bind(filter.error_contains.as_deref().map(escape_like))
-            .execute(self.pool())
+            .fetch_one(&mut *tx)
             .await
             .ctx("retry_matching")?;
-        if done.rows_affected() > 0 {
-            self.notify_all().await?;
-        }
-        Ok(done.rows_affected())
+        let n = n.unsigned_abs();
+        // A bulk retry that matched nothing is still an action an operator took: audited.
+        insert_audit(&mut tx, &audit(n))
+            .await
+            .ctx("audit retry_matching")?;
+        notify_queues(&mut tx, &queues).await?;
+        tx.commit().await.ctx("commit retry_matching")?;
+        Ok(n)
     }
 
-    /// Cancels a job that has not started. A running job is not interrupted.
-    pub async fn cancel_job(&self, id: JobId) -> Result<bool, QueueError> {
+    /// Cancels a job that has not started, with its audit row in the same transaction. A
+    /// running job is not interrupted: false, nothing audited.
+    pub async fn cancel_job(&self, id: JobId, audit: &AuditEntry<'_>) -> Result<bool, QueueError> {
+        let mut tx = self.pool().begin().await.ctx("begin cancel_job")?;
         let done = sqlx::query(
             "UPDATE queue_jobs SET status = 'cancelled', finished_at = now(), updated_at = now()
              WHERE id = $1 AND status = 'pending'",
         )
         .bind(id.get())
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await
         .ctx("cancel_job")?;
-        Ok(done.rows_affected() > 0)
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await.ctx("audit cancel_job")?;
+        tx.commit().await.ctx("commit cancel_job")?;
+        Ok(true)
     }
 
-    /// Deletes finished (done, dead, cancelled) jobs that finished before `before`.
+    /// Deletes finished (done, dead, cancelled) jobs that finished before `before`: the
+    /// scheduler's retention clean-up, which is not an operator's action and is not audited.
     pub async fn purge_finished(&self, before: DateTime<Utc>) -> Result<u64, QueueError> {
-        let done = sqlx::query(
-            "DELETE FROM queue_jobs
-             WHERE status IN ('done', 'dead', 'cancelled') AND finished_at < $1",
-        )
-        .bind(before)
-        .execute(self.pool())
-        .await
-        .ctx("purge_finished")?;
-        Ok(done.rows_affected())
+        let mut conn = self.pool().acquire().await.ctx("purge_finished")?;
+        purge_finished_on(&mut conn, before).await
+    }
+
+    /// An operator's purge: [`Queue::purge_finished`] and the audit row `audit` builds from how
+    /// many, in one transaction.
+    pub async fn purge_finished_audited<'a>(
+        &self,
+        before: DateTime<Utc>,
+        audit: impl FnOnce(u64) -> AuditEntry<'a>,
+    ) -> Result<u64, QueueError> {
+        let mut tx = self.pool().begin().await.ctx("begin purge_finished")?;
+        let n = purge_finished_on(&mut tx, before).await?;
+        insert_audit(&mut tx, &audit(n))
+            .await
+            .ctx("audit purge_finished")?;
+        tx.commit().await.ctx("commit purge_finished")?;
+        Ok(n)
     }
 
     pub async fn stats(&self) -> Result<Vec<JobStats>, QueueError> {
@@ -213,13 +252,35 @@ impl Queue {
         .await
         .ctx("stats")
     }
+}
 
-    async fn notify_all(&self) -> Result<(), QueueError> {
-        sqlx::query("SELECT pg_notify($1, q) FROM (SELECT DISTINCT queue AS q FROM queue_jobs WHERE status = 'pending') s")
-            .bind(super::NOTIFY_CHANNEL)
-            .execute(self.pool())
-            .await
-            .ctx("notify")?;
-        Ok(())
+async fn purge_finished_on(
+    conn: &mut PgConnection,
+    before: DateTime<Utc>,
+) -> Result<u64, QueueError> {
+    let done = sqlx::query(
+        "DELETE FROM queue_jobs
+         WHERE status IN ('done', 'dead', 'cancelled') AND finished_at < $1",
+    )
+    .bind(before)
+    .execute(conn)
+    .await
+    .ctx("purge_finished")?;
+    Ok(done.rows_affected())
+}
+
+/// Wakes the workers of `queues` when the caller's transaction commits (a NOTIFY is delivered
+/// at commit, and not at all on rollback), so they see the retried jobs at once rather than at
+/// their next poll.
+async fn notify_queues(conn: &mut PgConnection, queues: &[String]) -> Result<(), QueueError> {
+    if queues.is_empty() {
+        return Ok(());
     }
+    sqlx::query("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q")
+        .bind(super::NOTIFY_CHANNEL)
+        .bind(queues)
+        .execute(conn)
+        .await
+        .ctx("notify")?;
+    Ok(())
 }
