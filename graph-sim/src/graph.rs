@@ -1267,6 +1267,15 @@ fn delta(
     view: &View,
     applied: &mut Vec<String>,
 ) -> SimResponse {
+    let replay = st
+        .take_faults(
+            Phase::Delta,
+            req.method.as_str(),
+            &req.path_and_query(),
+            Some(uid),
+        )
+        .iter()
+        .any(|f| matches!(f, FaultKind::ReplayDeltaItems));
     let kept = st.cfg.delta_generations_kept.max(1);
     let default_page = st.cfg.default_page_size;
     let new_round_id = st.rand_b64(24);
@@ -1499,6 +1508,9 @@ fn delta(
                 "@removed": {"reason": reason},
             })),
         }
+    }
+    if replay {
+        value.extend(value.clone());
     }
     if pref_page.is_some() {
         applied.push(format!("odata.maxpagesize={page_size}"));

@@ -310,6 +310,8 @@ pub enum FaultKind {
     SentItemsDelay { millis: u64 },
     /// Subscription creation fails as if the validation request timed out.
     SubscriptionValidationTimeout,
+    /// Delta pages carry every item twice (the contract: tolerate replays and duplicates).
+    ReplayDeltaItems,
 }
 
 /// A switchable fault: which requests it hits, and how often.

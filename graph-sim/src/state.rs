@@ -291,6 +291,7 @@ pub(crate) enum Phase {
     Authorize,
     Send,
     SubscriptionCreate,
+    Delta,
 }
 
 #[derive(Default)]
@@ -1141,6 +1142,7 @@ impl State {
             FaultKind::AuthorizeError { .. } => &[Phase::Authorize],
             FaultKind::SentItemsDelay { .. } => &[Phase::Send],
             FaultKind::SubscriptionValidationTimeout => &[Phase::SubscriptionCreate],
+            FaultKind::ReplayDeltaItems => &[Phase::Delta],
             FaultKind::Delay { .. }
             | FaultKind::TooManyRequests { .. }
             | FaultKind::ServiceUnavailable { .. }

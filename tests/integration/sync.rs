@@ -654,6 +654,42 @@ async fn the_same_mail_in_two_mailboxes_of_a_tenant_is_one_message_even_when_syn
     );
 }
 
+/// graph-contract: the client tolerates replays and duplicates. An item repeated inside one
+/// delta page whose mail is already stored from another mailbox used to make the page's
+/// sightings upsert touch one row twice: the page failed, and so did every retry of it.
+#[tokio::test]
+async fn a_delta_page_that_repeats_its_items_is_ingested_once() {
+    let w = world().await;
+    let t = w.sim.tenants()[0].clone();
+    w.sim.create_user(&t, "sales@fabrikam.example", "Sales");
+    let second = connect_direct(&w.services, &w.sim, w.tenant, "sales@fabrikam.example").await;
+    let m = mail("jo@contoso.example", "Both", "<both@contoso.example>")
+        .to(MAILBOX)
+        .to("sales@fabrikam.example");
+    w.sim.deliver(MAILBOX, m.clone());
+    w.sim.deliver("sales@fabrikam.example", m);
+    w.sim.deliver(
+        "sales@fabrikam.example",
+        mail("kim@contoso.example", "Only here", "<only@contoso.example>"),
+    );
+    w.sync().await;
+    w.sim.set_fault(
+        graph_sim::FaultRule::new(graph_sim::FaultKind::ReplayDeltaItems)
+            .mailbox("sales@fabrikam.example"),
+    );
+    let report = sync_folder(&w.services, w.tenant, second, "inbox")
+        .await
+        .expect("the repeated page is ingested")
+        .expect("no concurrent sync");
+    assert_eq!(report.ingested, 1);
+    assert_eq!(w.count("SELECT count(*) FROM helpdesk_messages").await, 2);
+    assert_eq!(
+        w.count("SELECT count(*) FROM helpdesk_message_sightings")
+            .await,
+        3
+    );
+}
+
 #[tokio::test]
 async fn racing_syncs_of_one_folder_create_nothing_twice() {
     let w = world().await;

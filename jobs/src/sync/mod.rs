@@ -657,6 +657,23 @@ async fn ingest_page(
         .execute(&mut *tx)
         .await?;
 
+    // The same item twice in one page (Graph may replay items): one row per Graph id, the
+    // last state winning. A page's sightings go out in one `INSERT … ON CONFLICT DO UPDATE`,
+    // which fails on a row it touches twice, and a failed page would be retried forever.
+    let mut page_ids: HashSet<String> = HashSet::new();
+    let mut upserts: Vec<Message> = upserts
+        .into_iter()
+        .rev()
+        .filter(|m| {
+            let first = page_ids.insert(m.id.as_str().to_string());
+            if !first {
+                report.duplicates += 1;
+            }
+            first
+        })
+        .collect();
+    upserts.reverse();
+
     // Dedupe: sightings of this mailbox, then messages seen in another mailbox of the tenant.
     let ms_ids: Vec<String> = upserts.iter().map(|m| m.id.as_str().to_string()).collect();
     let seen = known_sightings(&mut tx, ctx, &ms_ids).await?;
