@@ -312,6 +312,13 @@ pub enum FaultKind {
     SubscriptionValidationTimeout,
     /// Delta pages carry every item twice (the contract: tolerate replays and duplicates).
     ReplayDeltaItems,
+    /// Graph's error body with this status, code and message (e.g. a 400 a test needs that no
+    /// modelled state produces).
+    GraphError {
+        status: u16,
+        code: String,
+        message: String,
+    },
 }
 
 /// A switchable fault: which requests it hits, and how often.

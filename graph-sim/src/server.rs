@@ -554,6 +554,11 @@ impl GraphSim {
                     }
                 }
             }
+            FaultKind::GraphError {
+                status,
+                code,
+                message,
+            } => ctx.error(status, &code, &message),
             FaultKind::DeltaEviction
                 if req.path.ends_with("/delta")
                     && (req.query.contains("deltatoken") || req.query.contains("skiptoken")) =>

@@ -1148,7 +1148,9 @@ impl State {
             | FaultKind::ServiceUnavailable { .. }
             | FaultKind::GatewayTimeout
             | FaultKind::ConnectionReset => &[Phase::Request, Phase::Token],
-            FaultKind::InvalidAuthenticationToken | FaultKind::DeltaEviction => &[Phase::Request],
+            FaultKind::InvalidAuthenticationToken
+            | FaultKind::DeltaEviction
+            | FaultKind::GraphError { .. } => &[Phase::Request],
         }
     }
 

@@ -174,30 +174,32 @@ async fn create_draft(
     .fetch_optional(&mut *tenant_tx(pool, tenant).await.map_err(JobError::retry)?)
     .await
     .map_err(JobError::retry)?;
+    // The customer's mail reached the tenant through another mailbox (or was deleted here): a
+    // new message instead. It is a draft with an id like a reply draft, so the steps after
+    // this one, and their exactly-once argument, stay the same; sendMail would return no id
+    // to check or find again.
+    let message = MessagePatch {
+        subject: Some(with_ticket_token(
+            &format!("RE: {}", strip_reply_prefix(&row.subject)),
+            TicketId::new(row.ticket_id),
+        )),
+        body: Some(ItemBody::html(row.body_html.clone())),
+        to_recipients: Some(recipients(&row.to_recipients)),
+        cc_recipients: Some(recipients(&row.cc_recipients)),
+        ..MessagePatch::default()
+    };
+    let new_message = || client.create_message(&message);
     let created = match target.and_then(|t| MicrosoftMessageId::try_from(t).ok()) {
-        Some(target) => {
-            client
-                .create_reply(&target, &ReplyContent::Comment(row.body_html.clone()))
-                .await
-        }
-        // The customer's mail reached the tenant through another mailbox (or was deleted
-        // here): a new message instead. It is a draft with an id like a reply draft, so the
-        // steps after this one, and their exactly-once argument, stay the same; sendMail
-        // would return no id to check or find again.
-        None => {
-            client
-                .create_message(&MessagePatch {
-                    subject: Some(with_ticket_token(
-                        &format!("RE: {}", strip_reply_prefix(&row.subject)),
-                        TicketId::new(row.ticket_id),
-                    )),
-                    body: Some(ItemBody::html(row.body_html.clone())),
-                    to_recipients: Some(recipients(&row.to_recipients)),
-                    cc_recipients: Some(recipients(&row.cc_recipients)),
-                    ..MessagePatch::default()
-                })
-                .await
-        }
+        Some(target) => match client
+            .create_reply(&target, &ReplyContent::Comment(row.body_html.clone()))
+            .await
+        {
+            // Deleted in the mailbox since the last sync saw it: nothing to reply to, but the
+            // answer still goes out.
+            Err(e) if e.is_not_found() => new_message().await,
+            created => created,
+        },
+        None => new_message().await,
     };
     let draft = match created {
         Ok(d) => d,
@@ -348,11 +350,34 @@ async fn send_draft(
                 give_back_send_slot(pool, account, counted_in).await;
                 return Err(job_error(&e));
             }
-            // Not a draft any more / gone: an earlier execution sent it.
+            // Gone: an earlier execution sent it (the confirm step settles it if not).
+            Err(e) if e.is_not_found() => {}
+            // What Graph answers for sending a message that is no longer a draft; but the code
+            // is Graph's generic 400, so look: a draft still there was refused, not sent, and
+            // reading it as sent would send it again every ten minutes from the confirm step.
             Err(e)
-                if e.is_not_found()
-                    || e.code()
-                        .is_some_and(|c| c.eq_ignore_ascii_case("ErrorInvalidRequest")) => {}
+                if e.code()
+                    .is_some_and(|c| c.eq_ignore_ascii_case("ErrorInvalidRequest")) =>
+            {
+                match client.get_message(&draft_id).await {
+                    Ok(m) if m.is_draft == Some(true) => {
+                        give_back_send_slot(pool, account, counted_in).await;
+                        fail(
+                            pool,
+                            tenant,
+                            send,
+                            "draft_created",
+                            &format!("Microsoft refused to send: {e}"),
+                        )
+                        .await
+                        .map_err(JobError::retry)?;
+                        return Ok(());
+                    }
+                    Ok(_) => {}
+                    Err(seen) if seen.is_not_found() => {}
+                    Err(seen) => return Err(job_error(&seen)),
+                }
+            }
             Err(e) if e.class() == ErrorClass::Permanent => {
                 fail(
                     pool,

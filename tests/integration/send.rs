@@ -501,6 +501,63 @@ async fn a_draft_deleted_before_it_was_sent_ends_the_send_failed_not_sent() {
 /// that request, nothing left, and the count is given back: otherwise replies waiting on a
 /// busy mailbox would use the minute's allowance up without sending anything.
 #[tokio::test]
+async fn a_send_refused_with_a_generic_400_while_the_draft_stays_a_draft_fails() {
+    let w = world().await;
+    let send = w.new_send("refused").await;
+    w.run_to_draft_created(send).await;
+    w.sim.set_fault(
+        FaultRule::new(FaultKind::GraphError {
+            status: 400,
+            code: "ErrorInvalidRequest".into(),
+            message: "The request is invalid.".into(),
+        })
+        .path("/send"),
+    );
+    jobs::sending::send_reply(&w.services, w.tenant, send)
+        .await
+        .unwrap();
+    let (status, reason) = w.send_status(&send.to_string()).await;
+    assert_eq!(status, "failed");
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains("ErrorInvalidRequest")),
+        "{reason:?}"
+    );
+    assert_eq!(w.sends_of("Answer refused"), 0);
+}
+
+/// The customer's mail was deleted from the mailbox after the last sync saw it: there is
+/// nothing to reply to (createReply answers 404), but the answer still goes out, as a new
+/// message to the same people, instead of failing.
+#[tokio::test]
+async fn a_reply_to_mail_deleted_since_the_last_sync_goes_out_as_a_new_message() {
+    let w = world().await;
+    let inbound: String = sqlx::query_scalar(
+        "SELECT microsoft_message_id FROM helpdesk_message_sightings LIMIT 1",
+    )
+    .fetch_one(&w.app.db.pool)
+    .await
+    .unwrap();
+    w.sim.delete_message(SUPPORT, &inbound).unwrap();
+    let send = w.new_send("deleted-mail").await;
+    jobs::sending::send_reply(&w.services, w.tenant, send)
+        .await
+        .unwrap();
+    w.assert_confirmed_once(send, "Answer deleted-mail").await;
+    let sent = w
+        .sim
+        .sends()
+        .into_iter()
+        .find(|s| s.body.contains("Answer deleted-mail"))
+        .unwrap();
+    assert!(sent.to.iter().any(|t| t == CUSTOMER), "{:?}", sent.to);
+}
+
+/// The per-minute send count is taken just before `send`. If the mailbox gate then refuses
+/// that request, nothing left, and the count is given back: otherwise replies waiting on a
+/// busy mailbox would use the minute's allowance up without sending anything.
+#[tokio::test]
 async fn a_send_the_gate_refuses_at_the_last_step_gives_its_count_back() {
     let w = world().await;
     let send = w.new_send("refused").await;
