@@ -569,6 +569,44 @@ async fn a_connection_test_finishing_after_a_disconnect_leaves_the_account_disab
 }
 
 #[tokio::test]
+async fn a_connection_test_that_cannot_store_its_result_is_retried() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_validation() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'storage unavailable'; END $$;
+         CREATE TRIGGER refuse_validation BEFORE UPDATE OF validation ON helpdesk_email_accounts
+         FOR EACH ROW EXECUTE FUNCTION refuse_validation();",
+    )
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    let ctx = jobs::queue::runtime::JobContext {
+        id: jobs::ids::JobId::new(1),
+        attempt: 1,
+        max_attempts: 5,
+        tenant: Some(w.tenant),
+        worker_id: "test".into(),
+    };
+    let result = jobs::handlers::validate_account(
+        w.services(),
+        jobs::kinds::ValidateAccount {
+            tenant: w.tenant,
+            account,
+        },
+        ctx,
+    )
+    .await;
+    match result {
+        Err(jobs::queue::JobError::Retryable { reason, .. }) => {
+            assert!(reason.contains("storage unavailable"), "{reason}");
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn a_401_mid_call_refreshes_once_and_the_connection_test_passes() {
     let w = world().await;
     w.connect("helpdesk@contoso.example").await;

@@ -39,13 +39,23 @@ fn has_scope(granted: &[String], wanted: &str) -> bool {
     })
 }
 
-/// Runs the checks and stores the report on the account. A Graph failure that is not the
-/// account's fault (throttling, outage) is returned as an error for the queue to retry.
+/// Why a connection test could not finish (its findings about the account are in the report).
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    /// A Graph failure that is not the account's fault (throttling, outage).
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    /// Reading or storing the account failed: worth another attempt, like any outage.
+    #[error("storing the connection test of the account failed: {0}")]
+    Store(#[from] sqlx::Error),
+}
+
+/// Runs the checks and stores the report on the account.
 pub async fn validate_account(
     services: &Services,
     tenant: TenantId,
     account: AccountId,
-) -> Result<ValidationReport, GraphError> {
+) -> Result<ValidationReport, ValidateError> {
     let client = super::graph_client(services, tenant, account);
     let mut problems = Vec::new();
     let me = match client.get_me().await {
@@ -54,7 +64,7 @@ pub async fn validate_account(
             problems.push(format!("reading the profile failed: {e}"));
             false
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     let inbox = match client
         .get_folder(&FolderRef::WellKnown(WellKnownFolder::Inbox))
@@ -65,15 +75,9 @@ pub async fn validate_account(
             problems.push(format!("reading the inbox failed: {e}"));
             false
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
-    let db_err = |e: sqlx::Error| GraphError::Decode {
-        operation: "account store",
-        message: e.to_string(),
-    };
-    let mut tx = crate::db::tenant_tx(&services.pool, tenant)
-        .await
-        .map_err(db_err)?;
+    let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
     let stored: Option<(Option<String>, bool)> = sqlx::query_as(
         "SELECT granted_scopes, refresh_token_enc IS NOT NULL
          FROM helpdesk_email_accounts WHERE id = $1 AND tenant_id = $2",
@@ -81,8 +85,7 @@ pub async fn validate_account(
     .bind(account.as_uuid())
     .bind(tenant.as_uuid())
     .fetch_optional(&mut *tx)
-    .await
-    .map_err(db_err)?;
+    .await?;
     let (scopes, has_refresh_token) = stored.unwrap_or((None, false));
     if !has_refresh_token {
         problems.push("no refresh token: offline_access was not granted".into());
@@ -124,9 +127,8 @@ pub async fn validate_account(
     .bind(serde_json::to_value(&report).unwrap_or_default())
     .bind(summary)
     .execute(&mut *tx)
-    .await
-    .map_err(db_err)?;
-    tx.commit().await.map_err(db_err)?;
+    .await?;
+    tx.commit().await?;
     Ok(report)
 }
 

@@ -13,7 +13,10 @@ pub async fn validate_account(
 ) -> Result<(), JobError> {
     let report = crate::accounts::validate::validate_account(&services, job.tenant, job.account)
         .await
-        .map_err(|e| super::from_graph(&e))?;
+        .map_err(|e| match e {
+            crate::accounts::validate::ValidateError::Graph(e) => super::from_graph(&e),
+            crate::accounts::validate::ValidateError::Store(e) => JobError::retry(e),
+        })?;
     tracing::info!(account = %job.account, ok = report.ok(), problems = ?report.problems, "account validated");
     Ok(())
 }
