@@ -342,8 +342,8 @@ async fn send_draft(
             };
         }
         let counted_in = take_send_slot(pool, account).await?;
-        match client.send_draft(&draft_id).await {
-            Ok(()) => {}
+        let refused = match client.send_draft(&draft_id).await {
+            Ok(()) => None,
             // Refused before it left (the mailbox gate was full, no token): nothing was sent,
             // and a job waiting on a busy mailbox would otherwise use the minute's sends up.
             Err(e) if e.was_not_sent() => {
@@ -351,7 +351,7 @@ async fn send_draft(
                 return Err(job_error(&e));
             }
             // Gone: an earlier execution sent it (the confirm step settles it if not).
-            Err(e) if e.is_not_found() => {}
+            Err(e) if e.is_not_found() => None,
             // What Graph answers for sending a message that is no longer a draft; but the code
             // is Graph's generic 400, so look: a draft still there was refused, not sent, and
             // reading it as sent would send it again every ten minutes from the confirm step.
@@ -360,38 +360,28 @@ async fn send_draft(
                     .is_some_and(|c| c.eq_ignore_ascii_case("ErrorInvalidRequest")) =>
             {
                 match client.get_message(&draft_id).await {
-                    Ok(m) if m.is_draft == Some(true) => {
-                        give_back_send_slot(pool, account, counted_in).await;
-                        fail(
-                            pool,
-                            tenant,
-                            send,
-                            "draft_created",
-                            &format!("Microsoft refused to send: {e}"),
-                        )
-                        .await
-                        .map_err(JobError::retry)?;
-                        return Ok(());
-                    }
-                    Ok(_) => {}
-                    Err(seen) if seen.is_not_found() => {}
+                    Ok(m) if m.is_draft == Some(true) => Some(e),
+                    Ok(_) => None,
+                    Err(seen) if seen.is_not_found() => None,
                     Err(seen) => return Err(job_error(&seen)),
                 }
             }
-            Err(e) if e.class() == ErrorClass::Permanent => {
-                fail(
-                    pool,
-                    tenant,
-                    send,
-                    "draft_created",
-                    &format!("Microsoft refused to send: {e}"),
-                )
-                .await
-                .map_err(JobError::retry)?;
-                return Ok(());
-            }
+            Err(e) if e.class() == ErrorClass::Permanent => Some(e),
             // An unknown outcome is resolved by the next run's look at the draft.
             Err(e) => return Err(job_error(&e)),
+        };
+        if let Some(e) = refused {
+            give_back_send_slot(pool, account, counted_in).await;
+            fail(
+                pool,
+                tenant,
+                send,
+                "draft_created",
+                &format!("Microsoft refused to send: {e}"),
+            )
+            .await
+            .map_err(JobError::retry)?;
+            return Ok(());
         }
         metrics::counter!("graphdesk_sends_total").increment(1);
         info!(%send, "reply sent");

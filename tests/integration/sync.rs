@@ -66,6 +66,34 @@ impl World {
     }
 }
 
+impl World {
+    /// Two tickets from two separate syncs, then a reply whose headers name both: the
+    /// second ticket is merged into the first. Returns the two tickets.
+    async fn two_tickets_then_a_reply_naming_both(&self) -> (i64, i64) {
+        self.sim.deliver(
+            MAILBOX,
+            mail("fay@contoso.example", "Printer", "<a@contoso.example>").conversation("c1"),
+        );
+        self.sim.deliver(
+            MAILBOX,
+            mail("fay@contoso.example", "Scanner", "<b@contoso.example>").conversation("c2"),
+        );
+        self.sync().await;
+        let a = self.placed("<a@contoso.example>").await.0;
+        let b = self.placed("<b@contoso.example>").await.0;
+        assert_ne!(a, b);
+        self.sim.deliver(
+            MAILBOX,
+            mail("fay@contoso.example", "Re: both", "<c@contoso.example>")
+                .in_reply_to("<b@contoso.example>")
+                .references(["<a@contoso.example>", "<b@contoso.example>"])
+                .conversation("c3"),
+        );
+        self.sync().await;
+        (a, b)
+    }
+}
+
 fn mail(from: &str, subject: &str, id: &str) -> InboundMail {
     InboundMail::new(from, subject).message_id(id).text("Hello")
 }
@@ -242,26 +270,7 @@ async fn a_reply_that_arrives_before_its_parent_ends_on_one_ticket() {
 #[tokio::test]
 async fn headers_pointing_at_two_tickets_merge_them_consistently() {
     let w = world().await;
-    w.sim.deliver(
-        MAILBOX,
-        mail("fay@contoso.example", "Printer", "<a@contoso.example>").conversation("c1"),
-    );
-    w.sim.deliver(
-        MAILBOX,
-        mail("fay@contoso.example", "Scanner", "<b@contoso.example>").conversation("c2"),
-    );
-    w.sync().await;
-    let a = w.placed("<a@contoso.example>").await.0;
-    let b = w.placed("<b@contoso.example>").await.0;
-    assert_ne!(a, b);
-    w.sim.deliver(
-        MAILBOX,
-        mail("fay@contoso.example", "Re: both", "<c@contoso.example>")
-            .in_reply_to("<b@contoso.example>")
-            .references(["<a@contoso.example>", "<b@contoso.example>"])
-            .conversation("c3"),
-    );
-    w.sync().await;
+    let (a, b) = w.two_tickets_then_a_reply_naming_both().await;
     let survivor = a.min(b);
     for id in [
         "<a@contoso.example>",
@@ -374,25 +383,7 @@ async fn an_archived_ticket_stays_archived_when_later_replies_name_it_beside_its
 #[tokio::test]
 async fn a_ticket_token_naming_a_merged_ticket_leads_to_its_survivor() {
     let w = world().await;
-    w.sim.deliver(
-        MAILBOX,
-        mail("fay@contoso.example", "Printer", "<a@contoso.example>").conversation("c1"),
-    );
-    w.sim.deliver(
-        MAILBOX,
-        mail("fay@contoso.example", "Scanner", "<b@contoso.example>").conversation("c2"),
-    );
-    w.sync().await;
-    let a = w.placed("<a@contoso.example>").await.0;
-    let b = w.placed("<b@contoso.example>").await.0;
-    w.sim.deliver(
-        MAILBOX,
-        mail("fay@contoso.example", "Re: both", "<c@contoso.example>")
-            .in_reply_to("<b@contoso.example>")
-            .references(["<a@contoso.example>", "<b@contoso.example>"])
-            .conversation("c3"),
-    );
-    w.sync().await;
+    let (a, b) = w.two_tickets_then_a_reply_naming_both().await;
     let (survivor, merged) = (a.min(b), a.max(b));
     // Headers stripped, another sender, a new conversation: only the token links it.
     w.sim.deliver(
