@@ -497,9 +497,11 @@ async fn a_draft_deleted_before_it_was_sent_ends_the_send_failed_not_sent() {
     assert_eq!(w.sends_of("Answer deleted-draft"), 0);
 }
 
-/// The per-minute send count is taken just before `send`. If the mailbox gate then refuses
-/// that request, nothing left, and the count is given back: otherwise replies waiting on a
-/// busy mailbox would use the minute's allowance up without sending anything.
+/// `ErrorInvalidRequest` is what Graph answers for sending a message that is no longer a
+/// draft, but it is also Graph's generic 400. A draft that is still a draft after it was
+/// refused was not sent: the send fails with Microsoft's reason. Read as "already sent", the
+/// confirm step found nothing in Sent Items, put the send back to its draft after ten
+/// minutes, and was refused again, for ever.
 #[tokio::test]
 async fn a_send_refused_with_a_generic_400_while_the_draft_stays_a_draft_fails() {
     let w = world().await;
