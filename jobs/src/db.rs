@@ -20,6 +20,15 @@ pub enum DbError {
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("database query failed")]
     Query(#[from] sqlx::Error),
+    #[error(
+        "DATABASE_APP_ROLE: the application pool acts as `{role}`, which {reason}, so Row Level \
+         Security would not keep tenants apart. Set DATABASE_APP_ROLE to a role that is not a \
+         superuser, has no BYPASSRLS and owns no table (the default, graphdesk_app, created by \
+         the migrations), or set DATABASE_ALLOW_RLS_BYPASS=1 for a single-role development setup"
+    )]
+    RlsBypassed { role: String, reason: String },
+    #[error("DATABASE_ALLOW_RLS_BYPASS must be 1 or 0 (true/false), not `{0}`")]
+    BadAllowRlsBypass(String),
 }
 
 pub async fn connect(
@@ -65,7 +74,8 @@ fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-/// A pool whose every connection acts as `role` (as if by SET ROLE).
+/// A pool whose every connection acts as `role` (as if by SET ROLE). The app pool is refused
+/// when Row Level Security would not apply to it (see [`connect_role`]).
 pub async fn connect_as(
     url: &secrecy::SecretString,
     max_connections: u32,
@@ -73,13 +83,102 @@ pub async fn connect_as(
     role: DbRole,
 ) -> Result<PgPool, DbError> {
     let options: PgConnectOptions = url.expose_secret().parse().map_err(DbError::BadUrl)?;
-    pool_as(
+    connect_role(
         options.application_name(app_name),
         max_connections,
+        role,
         role.configured(),
+        allow_rls_bypass()?,
     )
     .await
-    .map_err(DbError::Connect)
+}
+
+/// DATABASE_ALLOW_RLS_BYPASS; unset is false. A value that is neither true nor false is an
+/// error rather than either: a typo must not decide whether tenants are isolated.
+fn allow_rls_bypass() -> Result<bool, DbError> {
+    let Some(raw) = crate::config::env_opt("DATABASE_ALLOW_RLS_BYPASS") else {
+        return Ok(false);
+    };
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(DbError::BadAllowRlsBypass(raw)),
+    }
+}
+
+/// [`connect_as`] with the role name and the escape hatch given rather than read from the
+/// environment. For [`DbRole::App`] the connected role is checked: a superuser, a BYPASSRLS
+/// role or an owner of a table with Row Level Security (without FORCE) sees every tenant's
+/// rows, and that happens silently when DATABASE_APP_ROLE is empty and the login user owns the
+/// schema. Such a pool is refused unless `allow_rls_bypass`, which only logs loudly.
+pub async fn connect_role(
+    options: PgConnectOptions,
+    max_connections: u32,
+    role: DbRole,
+    role_name: Option<String>,
+    allow_rls_bypass: bool,
+) -> Result<PgPool, DbError> {
+    let pool = pool_as(options, max_connections, role_name)
+        .await
+        .map_err(DbError::Connect)?;
+    if role != DbRole::App {
+        return Ok(pool);
+    }
+    let Some(bypass) = rls_bypass(&pool).await? else {
+        return Ok(pool);
+    };
+    if allow_rls_bypass {
+        tracing::warn!(
+            role = %bypass.role,
+            reason = %bypass.reason,
+            "DATABASE_ALLOW_RLS_BYPASS is set: the application pool is NOT subject to Row Level \
+             Security and every query sees every tenant's rows; never run production like this"
+        );
+        return Ok(pool);
+    }
+    pool.close().await;
+    Err(DbError::RlsBypassed {
+        role: bypass.role,
+        reason: bypass.reason,
+    })
+}
+
+struct RlsBypass {
+    role: String,
+    reason: String,
+}
+
+/// Why Row Level Security would not apply to the pool's current role, if it would not.
+async fn rls_bypass(pool: &PgPool) -> Result<Option<RlsBypass>, sqlx::Error> {
+    // Ownership counts through role membership too (PostgreSQL's owner check does), and FORCE
+    // ROW LEVEL SECURITY subjects even the owner to the policies.
+    let (role, superuser, bypassrls, owned, example): (String, bool, bool, i64, Option<String>) =
+        sqlx::query_as(
+            "SELECT current_user::text, r.rolsuper, r.rolbypassrls, count(c.oid),
+                    min(quote_ident(n.nspname) || '.' || quote_ident(c.relname))
+             FROM pg_roles r
+             LEFT JOIN pg_class c
+               ON c.relrowsecurity AND NOT c.relforcerowsecurity
+              AND pg_has_role(current_user, c.relowner, 'USAGE')
+             LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE r.rolname = current_user
+             GROUP BY r.rolname, r.rolsuper, r.rolbypassrls",
+        )
+        .fetch_one(pool)
+        .await?;
+    let reason = if superuser {
+        "is a superuser".to_string()
+    } else if bypassrls {
+        "has BYPASSRLS".to_string()
+    } else if owned > 0 {
+        format!(
+            "owns {owned} table(s) with Row Level Security enabled (e.g. {})",
+            example.unwrap_or_default()
+        )
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(RlsBypass { role, reason }))
 }
 
 /// Connection options that act as `role`. The role is a startup option rather than a `SET ROLE`

@@ -793,11 +793,15 @@ impl DashClient {
         }
     }
 
+    /// Logs in as a browser does: the login page first (its pre-session cookie and form
+    /// token), then the form.
     async fn login(&mut self, token: &str) -> reqwest::Response {
+        let (cookie, csrf) = self.login_form().await;
         let resp = self
             .http
             .post(format!("{}/dashboard/login", self.base))
-            .form(&[("token", token)])
+            .header("cookie", cookie)
+            .form(&[("token", token), ("csrf", &csrf)])
             .send()
             .await
             .unwrap();
@@ -806,6 +810,23 @@ impl DashClient {
             .find(|c| c.starts_with("gd_session=") && !c.starts_with("gd_session=;"))
             .map(|c| c.split(';').next().unwrap().to_string());
         resp
+    }
+
+    /// The login page's pre-session cookie (`name=value`) and the form's CSRF token.
+    async fn login_form(&self) -> (String, String) {
+        let resp = self
+            .http
+            .get(format!("{}/dashboard/login", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let cookie = set_cookies(&resp)
+            .into_iter()
+            .find(|c| c.starts_with("gd_login="))
+            .expect("the login page sets its pre-session cookie");
+        let cookie = cookie.split(';').next().unwrap().to_string();
+        (cookie, csrf_in(&resp.text().await.unwrap()))
     }
 
     fn cookie(&self, extra: Option<&str>) -> String {
@@ -1206,6 +1227,129 @@ async fn dashboard_tenants_page_shows_load_and_lets_ops_change_a_limit() {
         .await;
     assert_eq!(resp.status(), 403);
     assert_eq!(tenant_limit(pool, ta).await, None);
+}
+
+/// Login CSRF: a login post only counts with the form token of the login page this browser
+/// loaded (bound to its SameSite=Strict pre-session cookie), so a page on another site cannot
+/// log a victim into the attacker's session. And the login page's `?error=` is a code with a
+/// fixed message: text put in the link never reaches the page.
+#[tokio::test]
+async fn dashboard_login_needs_its_form_token_and_shows_only_fixed_errors() {
+    let app = spawn_app().await;
+    let tenant = app.db.create_tenant("t").await;
+    let attacker = app.token(tenant, TestRole::Ops);
+    let dash = DashClient::new(&app);
+    let no_session = |resp: &reqwest::Response| {
+        !set_cookies(resp)
+            .iter()
+            .any(|c| c.starts_with("gd_session=") && !c.starts_with("gd_session=;"))
+    };
+    let login_url = app.url("/dashboard/login");
+
+    // What an auto-submitted form on another site sends: no cookie of ours, no form token.
+    let resp = dash
+        .http
+        .post(&login_url)
+        .header("origin", "https://attacker.example")
+        .form(&[("token", attacker.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(no_session(&resp), "a cross-site login sets no session");
+    assert!(resp.text().await.unwrap().contains("security token"));
+
+    // The attacker's own form token, without the cookie it belongs to.
+    let (cookie, csrf) = dash.login_form().await;
+    let resp = dash
+        .http
+        .post(&login_url)
+        .form(&[("token", attacker.as_str()), ("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(no_session(&resp));
+    // The cookie without the token, or with the token of another browser's login page.
+    let (_, foreign_csrf) = dash.login_form().await;
+    for form in [
+        vec![("token", attacker.as_str())],
+        vec![
+            ("token", attacker.as_str()),
+            ("csrf", foreign_csrf.as_str()),
+        ],
+    ] {
+        let resp = dash
+            .http
+            .post(&login_url)
+            .header("cookie", &cookie)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{form:?}");
+        assert!(no_session(&resp));
+    }
+
+    // The pre-session cookie: HttpOnly, SameSite=Strict (never sent by a cross-site post).
+    let resp = dash.http.get(&login_url).send().await.unwrap();
+    let pre = set_cookies(&resp)
+        .into_iter()
+        .find(|c| c.starts_with("gd_login="))
+        .unwrap();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/dashboard"] {
+        assert!(pre.contains(attr), "{pre} has {attr}");
+    }
+
+    // A login from the login page works, and its nonce is spent.
+    let mut user = DashClient::new(&app);
+    let resp = user.login(&app.token(tenant, TestRole::Admin)).await;
+    assert_eq!(resp.status(), 303);
+    assert!(user.session.is_some());
+    assert!(
+        set_cookies(&resp)
+            .iter()
+            .any(|c| c.starts_with("gd_login=;") && c.contains("Max-Age=0"))
+    );
+    let (s, _) = user.get("/dashboard", None).await;
+    assert_eq!(s, 200);
+
+    // `?error=` shows nothing it was given, raw or base64 (the old form of the parameter).
+    use base64::Engine as _;
+    let lure = "Call +1 555 0100 and read out your token";
+    for error in [
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(lure),
+        lure.replace(' ', "%20"),
+    ] {
+        let (s, page) = dash
+            .get(&format!("/dashboard/login?error={error}"), None)
+            .await;
+        assert_eq!(s, 200);
+        assert!(!page.contains("555 0100"), "{page}");
+        assert!(
+            !page.contains(r#"id="message""#),
+            "no message at all: {page}"
+        );
+    }
+    // An ended session sends the browser to the login page with a code and a fixed message.
+    let expired = app.jwt.mint(
+        "test-user",
+        tenant,
+        TestRole::Ops,
+        chrono::Duration::hours(-2),
+    );
+    let resp = dash
+        .http
+        .get(app.url("/dashboard"))
+        .header("cookie", format!("gd_session={expired}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(location, "/dashboard/login?error=session_ended");
+    let (_, page) = dash.get(&location, None).await;
+    assert!(page.contains("Your session has ended"), "{page}");
 }
 
 #[tokio::test]

@@ -335,12 +335,13 @@ async fn every_endpoint_answers_by_role_and_tenant() {
             None,
             [403, 202, 202],
         ),
-        ("GET", format!("/api/v1/jobs/{job}"), None, [200, 200, 200]),
+        // README: admins see their tenant's jobs, ops every tenant's; agents none.
+        ("GET", format!("/api/v1/jobs/{job}"), None, [403, 200, 200]),
         (
             "GET",
             format!("/api/v1/jobs/{other_job}"),
             None,
-            [404, 404, 200],
+            [403, 404, 200],
         ),
         (
             "POST",
@@ -863,4 +864,317 @@ async fn an_unreachable_database_answers_503_with_retry_after_and_a_request_id()
         .unwrap();
     expect_503(resp).await;
     server.abort();
+}
+
+/// GET /api/v1/jobs/{id} shows a job's arguments through the same redaction as the ops API
+/// and the dashboard, to the admin of its tenant as to ops; an agent is refused with a reason.
+#[tokio::test]
+async fn a_jobs_secret_looking_arguments_are_redacted_on_the_job_endpoint() {
+    let app = spawn_app().await;
+    let tenant = app.db.create_tenant("t").await;
+    let job: i64 = sqlx::query_scalar(
+        "INSERT INTO queue_jobs (queue, tenant_id, payload, max_attempts, status)
+         VALUES ('graphdesk.probe', $1, $2, 1, 'dead') RETURNING id",
+    )
+    .bind(tenant.as_uuid())
+    .bind(json!({
+        "marker": "visible-marker",
+        "refresh_token": "s3cret-refresh",
+        "nested": [{ "client_secret": "s3cret-client", "Password": "s3cret-password" }],
+    }))
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    for role in [TestRole::Admin, TestRole::Ops] {
+        let resp = app
+            .client
+            .get(app.url(&format!("/api/v1/jobs/{job}")))
+            .bearer_auth(app.token(tenant, role))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{role:?}");
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains("s3cret"), "{role:?} sees a secret: {text}");
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            body["arguments"],
+            json!({
+                "marker": "visible-marker",
+                "refresh_token": "[REDACTED]",
+                "nested": [{ "client_secret": "[REDACTED]", "Password": "[REDACTED]" }],
+            }),
+            "{role:?}"
+        );
+    }
+    let resp = app
+        .client
+        .get(app.url(&format!("/api/v1/jobs/{job}")))
+        .bearer_auth(app.token(tenant, TestRole::Agent))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("admin and ops"),
+        "{body}"
+    );
+}
+
+/// The message of a failed statement, which must be a refused privilege.
+fn permission_denied(result: Result<sqlx::postgres::PgQueryResult, sqlx::Error>, what: &str) {
+    let err = result.expect_err(what);
+    let db = err.as_database_error().expect("a database error");
+    assert_eq!(db.code().as_deref(), Some("42501"), "{what}: {err}");
+    assert!(
+        err.to_string().contains("permission denied"),
+        "{what}: {err}"
+    );
+}
+
+/// audit_log is append-only for the application role; the system role may only delete (the
+/// scheduler's retention clean-up, which still works when it runs as that role).
+#[tokio::test]
+async fn audit_rows_cannot_be_rewritten_or_erased_by_the_application() {
+    let db = TestDb::new().await;
+    let tenant = db.create_tenant("t").await;
+    let options = (*db.pool.connect_options()).clone();
+    let app = jobs::db::lazy_pool_as(options.clone(), 1, Some("graphdesk_app".into()));
+    let system = jobs::db::lazy_pool_as(options, 1, Some("graphdesk_system".into()));
+    // One row past its tenant's retention (90 days), one recent.
+    sqlx::query(
+        "INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id, created_at)
+         VALUES ($1, 'u', 'x.old', 'x', 'old', now() - interval '100 days'),
+                ($1, 'u', 'x.new', 'x', 'new', now())",
+    )
+    .bind(tenant.as_uuid())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    // The app role writes and reads its tenant's audit rows, and can do nothing else to them.
+    let mut tx = jobs::db::tenant_tx(&app, tenant).await.unwrap();
+    sqlx::query(
+        "INSERT INTO audit_log (tenant_id, actor, action, entity_type, entity_id)
+         VALUES ($1, 'u', 'x.app', 'x', 'app')",
+    )
+    .bind(tenant.as_uuid())
+    .execute(&mut *tx)
+    .await
+    .expect("the app role appends audit rows");
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_log")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(visible, 3);
+    tx.commit().await.unwrap();
+    for (statement, what) in [
+        ("UPDATE audit_log SET actor = 'someone else'", "app UPDATE"),
+        ("DELETE FROM audit_log", "app DELETE"),
+        ("TRUNCATE audit_log", "app TRUNCATE"),
+    ] {
+        let mut tx = jobs::db::tenant_tx(&app, tenant).await.unwrap();
+        permission_denied(sqlx::query(statement).execute(&mut *tx).await, what);
+    }
+
+    // The system role appends too, and may not rewrite.
+    sqlx::query(
+        "INSERT INTO audit_log (actor, action, entity_type, entity_id) VALUES ('system', 'x.sys', 'x', 'sys')",
+    )
+    .execute(&system)
+    .await
+    .expect("the system role appends audit rows");
+    permission_denied(
+        sqlx::query("UPDATE audit_log SET details = '{\"rewritten\": true}'")
+            .execute(&system)
+            .await,
+        "system UPDATE",
+    );
+    permission_denied(
+        sqlx::query("TRUNCATE audit_log").execute(&system).await,
+        "system TRUNCATE",
+    );
+
+    // The retention clean-up, as the scheduler runs it (its tick on the system role's pool).
+    let scheduler = jobs::scheduler::Scheduler::new(
+        system.clone(),
+        None,
+        jobs::scheduler::SchedulerSettings::with_tick(Duration::from_millis(100)),
+        "replica-a",
+    );
+    let report = scheduler
+        .run_tick()
+        .await
+        .expect("a tick as the system role");
+    assert_eq!(report.cleanup.audit_rows, 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT entity_id FROM audit_log ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["new", "app", "sys"]);
+    let actors: Vec<String> = sqlx::query_scalar("SELECT DISTINCT actor FROM audit_log ORDER BY 1")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(actors, vec!["system", "u"], "nothing was rewritten");
+}
+
+/// The application pool refuses to start as a role Row Level Security does not bind: a
+/// superuser (here: DATABASE_APP_ROLE empty, so the login user), a BYPASSRLS role, an owner of
+/// the tables. DATABASE_ALLOW_RLS_BYPASS lets it start anyway.
+#[tokio::test]
+async fn an_application_pool_that_would_bypass_row_level_security_is_refused() {
+    use jobs::db::{DbError, DbRole, connect_role};
+
+    let db = TestDb::new().await;
+    let options = (*db.pool.connect_options()).clone();
+    let current_user = |pool: sqlx::PgPool| async move {
+        let user: String = sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        user
+    };
+
+    // The default role is fine.
+    let pool = connect_role(
+        options.clone(),
+        1,
+        DbRole::App,
+        Some("graphdesk_app".into()),
+        false,
+    )
+    .await
+    .expect("the default app role is accepted");
+    assert_eq!(current_user(pool).await, "graphdesk_app");
+
+    let refused = |result: Result<sqlx::PgPool, DbError>, reason: &str| {
+        let err = result.expect_err(reason);
+        assert!(matches!(err, DbError::RlsBypassed { .. }), "{err:?}");
+        let message = err.to_string();
+        for part in ["DATABASE_APP_ROLE", reason, "DATABASE_ALLOW_RLS_BYPASS"] {
+            assert!(message.contains(part), "`{part}` in: {message}");
+        }
+    };
+    // No role: the login user, a superuser in the test cluster.
+    refused(
+        connect_role(options.clone(), 1, DbRole::App, None, false).await,
+        "is a superuser",
+    );
+
+    // Roles are cluster-wide: unique names, dropped at the end.
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let bypass = format!("gd_bypass_{suffix}");
+    let owner = format!("gd_owner_{suffix}");
+    for sql in [
+        format!("CREATE ROLE {bypass} NOLOGIN BYPASSRLS"),
+        format!("CREATE ROLE {owner} NOLOGIN"),
+        format!("ALTER TABLE helpdesk_tickets OWNER TO {owner}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    refused(
+        connect_role(options.clone(), 1, DbRole::App, Some(bypass.clone()), false).await,
+        "has BYPASSRLS",
+    );
+    refused(
+        connect_role(options.clone(), 1, DbRole::App, Some(owner.clone()), false).await,
+        "owns 1 table(s) with Row Level Security enabled (e.g. public.helpdesk_tickets)",
+    );
+    // FORCE ROW LEVEL SECURITY binds the owner too.
+    sqlx::query("ALTER TABLE helpdesk_tickets FORCE ROW LEVEL SECURITY")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let pool = connect_role(options.clone(), 1, DbRole::App, Some(owner.clone()), false)
+        .await
+        .expect("an owner bound by FORCE ROW LEVEL SECURITY is accepted");
+    pool.close().await;
+
+    // The escape hatch, for single-role development setups.
+    let pool = connect_role(options.clone(), 1, DbRole::App, None, true)
+        .await
+        .expect("DATABASE_ALLOW_RLS_BYPASS lets it start");
+    assert_ne!(current_user(pool).await, "graphdesk_app");
+    // The system role is the explicit cross-tenant path and is not checked.
+    connect_role(options, 1, DbRole::System, None, false)
+        .await
+        .expect("the system pool is not checked");
+
+    let login: String = sqlx::query_scalar("SELECT session_user::text")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    for sql in [
+        format!("ALTER TABLE helpdesk_tickets OWNER TO {login}"),
+        format!("DROP ROLE {owner}"),
+        format!("DROP ROLE {bypass}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+}
+
+/// The api and the worker do not start with DATABASE_APP_ROLE empty (the login user, which
+/// owns the tables) and say why; DATABASE_ALLOW_RLS_BYPASS=1 lets them start.
+#[tokio::test]
+async fn the_processes_refuse_to_start_when_the_app_role_bypasses_row_level_security() {
+    use std::process::Stdio;
+
+    let db = TestDb::new().await;
+    let command = |bin: &str, allow: Option<&str>| {
+        let mut cmd = tokio::process::Command::new(graphdesk_tests::workspace_bin(bin));
+        cmd.arg(if bin == "api" { "serve" } else { "run" })
+            .env("DATABASE_URL", &db.url)
+            .env("DATABASE_MAX_CONNECTIONS", "2")
+            .env("DATABASE_APP_ROLE", "")
+            .env_remove("DATABASE_SYSTEM_ROLE")
+            .env_remove("DATABASE_ALLOW_RLS_BYPASS")
+            .env("JWT_SECRET", JWT_SECRET)
+            .env("BIND_ADDR", format!("127.0.0.1:{}", free_port()))
+            .env("RUST_LOG", "warn")
+            .env("LOG_JSON", "false")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in Endpoints::unreachable().env() {
+            cmd.env(k, v);
+        }
+        if let Some(allow) = allow {
+            cmd.env("DATABASE_ALLOW_RLS_BYPASS", allow);
+        }
+        cmd
+    };
+    for bin in ["api", "worker"] {
+        let out = tokio::time::timeout(Duration::from_secs(60), command(bin, None).output())
+            .await
+            .unwrap_or_else(|_| panic!("{bin} kept running with the app role bypassing RLS"))
+            .unwrap();
+        assert!(!out.status.success(), "{bin}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("DATABASE_APP_ROLE") && stderr.contains("is a superuser"),
+            "{bin}: {stderr}"
+        );
+
+        // With the escape hatch it starts (and warns): still running after a moment.
+        let mut child = command(bin, Some("1")).spawn().unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{bin} starts with DATABASE_ALLOW_RLS_BYPASS=1"
+        );
+        child.kill().await.unwrap();
+        let stderr = child.wait_with_output().await.unwrap().stderr;
+        assert!(
+            String::from_utf8_lossy(&stderr).contains("DATABASE_ALLOW_RLS_BYPASS is set"),
+            "{bin} warns"
+        );
+    }
 }

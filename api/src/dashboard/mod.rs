@@ -6,6 +6,10 @@
 //! cannot send it. Every state-changing form carries a CSRF token: an HMAC of the session
 //! token, which a page on another origin can neither read nor compute, checked in constant
 //! time. Agents are refused at login and on every page.
+//!
+//! The login form has its own CSRF token (login CSRF: a page elsewhere must not be able to log
+//! a victim into the attacker's session): an HMAC of a random pre-session nonce kept in a
+//! SameSite=Strict cookie, which a cross-site post never carries.
 
 mod pages;
 pub mod service;
@@ -27,6 +31,9 @@ use service::OpsError;
 
 const SESSION_COOKIE: &str = "gd_session";
 const FLASH_COOKIE: &str = "gd_flash";
+const LOGIN_COOKIE: &str = "gd_login";
+/// How long a login form stays usable.
+const LOGIN_NONCE_MAX_AGE_SECS: i64 = 3600;
 const PAGE_SIZE: i64 = 50;
 
 /// Dashboard settings (see README: DASHBOARD_SECURE_COOKIE).
@@ -99,22 +106,64 @@ fn cookie<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-fn csrf_token(session_token: &str) -> String {
-    hex::encode(csrf_mac(session_token).finalize().into_bytes())
+/// What a CSRF token is bound to. The purposes keep a session's form token and a login form's
+/// token from ever standing in for each other.
+#[derive(Clone, Copy)]
+enum CsrfPurpose {
+    /// Forms of a logged-in session, keyed by the session token.
+    Session,
+    /// The login form, keyed by the pre-session nonce.
+    Login,
 }
 
-fn csrf_mac(session_token: &str) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(session_token.as_bytes())
-        .expect("HMAC accepts keys of any length");
-    mac.update(b"graphdesk dashboard csrf v1");
+impl CsrfPurpose {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Self::Session => b"graphdesk dashboard csrf v1",
+            Self::Login => b"graphdesk dashboard login csrf v1",
+        }
+    }
+}
+
+fn csrf_token(session_token: &str) -> String {
+    hex::encode(
+        csrf_mac(CsrfPurpose::Session, session_token)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+fn csrf_mac(purpose: CsrfPurpose, key: &str) -> Hmac<Sha256> {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC accepts keys of any length");
+    mac.update(purpose.label());
     mac
 }
 
-fn csrf_valid(session_token: &str, presented: Option<&str>) -> bool {
+fn csrf_valid(purpose: CsrfPurpose, key: &str, presented: Option<&str>) -> bool {
     let Some(bytes) = presented.and_then(|p| hex::decode(p).ok()) else {
         return false;
     };
-    csrf_mac(session_token).verify_slice(&bytes).is_ok()
+    csrf_mac(purpose, key).verify_slice(&bytes).is_ok()
+}
+
+/// The login form's pre-session nonce from this request's cookie, if it is one we could have
+/// issued (64 hex digits).
+fn login_nonce(req: &Request) -> Option<&str> {
+    cookie(req, LOGIN_COOKIE).filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A fresh nonce: two v4 UUIDs, 244 bits from the operating system's CSPRNG.
+fn new_login_nonce() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+fn login_csrf_token(nonce: &str) -> String {
+    hex::encode(csrf_mac(CsrfPurpose::Login, nonce).finalize().into_bytes())
 }
 
 /// The session of this request, or the response to send instead (login redirect, 403 page).
@@ -125,9 +174,10 @@ fn session(req: &Request, state: &AppState) -> Result<Session, Response> {
     let principal = match state.jwt.verify(token) {
         Ok(p) => p,
         Err(msg) => {
+            tracing::info!(reason = %msg, "dashboard session token no longer accepted");
             let to = format!(
                 "/dashboard/login?error={}",
-                URL_SAFE_NO_PAD.encode(format!("Please log in again: {msg}."))
+                LoginNotice::SessionEnded.code()
             );
             return Err(redirect(&to, None).with_clear_session());
         }
@@ -152,7 +202,7 @@ fn session_for_post(
 ) -> Result<Session, Response> {
     let s = session(req, state)?;
     let token = cookie(req, SESSION_COOKIE).unwrap_or_default();
-    if !csrf_valid(token, csrf) {
+    if !csrf_valid(CsrfPurpose::Session, token, csrf) {
         tracing::warn!(actor = %s.principal.subject, "dashboard form post with a missing or wrong CSRF token");
         return Err(html(
             StatusCode::FORBIDDEN,
@@ -288,36 +338,113 @@ fn error_response(s: &Session, e: OpsError) -> Response {
 
 // ---- login ----
 
+/// Why the login page was shown, as `?error=<code>`. Only these fixed messages are ever shown:
+/// the query string is anyone's to write, so its text must never reach the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoginNotice {
+    /// The session's token expired or is no longer accepted.
+    SessionEnded,
+}
+
+impl LoginNotice {
+    fn code(self) -> &'static str {
+        match self {
+            Self::SessionEnded => "session_ended",
+        }
+    }
+
+    fn parse(code: &str) -> Option<Self> {
+        [Self::SessionEnded].into_iter().find(|n| n.code() == code)
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::SessionEnded => {
+                "Your session has ended: its token expired or is no longer accepted. Please log in again."
+            }
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct LoginQuery {
     error: Option<String>,
 }
 
+/// The login page with its form token, and the pre-session cookie that token is bound to. The
+/// browser's nonce is kept when it has one, so two open login tabs both still work.
+fn login_form(
+    req: &Request,
+    config: &DashboardConfig,
+    status: StatusCode,
+    message: Option<&str>,
+) -> Response {
+    let nonce = login_nonce(req).map_or_else(new_login_nonce, str::to_string);
+    let mut resp = html(
+        status,
+        pages::login_page(message, &login_csrf_token(&nonce)),
+    );
+    if let Ok(v) = set_cookie(
+        LOGIN_COOKIE,
+        &nonce,
+        Some(LOGIN_NONCE_MAX_AGE_SECS),
+        config.secure_cookie,
+    )
+    .parse()
+    {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
 #[handler]
-async fn login_page(Query(q): Query<LoginQuery>) -> Response {
-    let error = q
-        .error
-        .and_then(|e| URL_SAFE_NO_PAD.decode(e).ok())
-        .and_then(|b| String::from_utf8(b).ok());
-    html(StatusCode::OK, pages::login_page(error.as_deref()))
+async fn login_page(
+    req: &Request,
+    Data(config): Data<&DashboardConfig>,
+    Query(q): Query<LoginQuery>,
+) -> Response {
+    let notice = q.error.as_deref().and_then(LoginNotice::parse);
+    login_form(
+        req,
+        config,
+        StatusCode::OK,
+        notice.map(LoginNotice::message),
+    )
 }
 
 #[derive(Deserialize)]
 struct LoginForm {
     token: String,
+    csrf: Option<String>,
 }
 
 #[handler]
 async fn login(
+    req: &Request,
     Data(state): Data<&AppState>,
     Data(config): Data<&DashboardConfig>,
     Form(form): Form<LoginForm>,
 ) -> Response {
+    // Checked before the token is even looked at: a cross-site post has no nonce cookie.
+    let csrf_ok = login_nonce(req)
+        .is_some_and(|nonce| csrf_valid(CsrfPurpose::Login, nonce, form.csrf.as_deref()));
+    if !csrf_ok {
+        tracing::warn!("dashboard login refused: missing or wrong login form token");
+        return html(
+            StatusCode::FORBIDDEN,
+            pages::message_page(
+                "Request refused",
+                "The login form's security token is missing, expired or does not match this browser. Open the login page and try again.",
+            ),
+        );
+    }
     let token = form.token.trim();
     match state.jwt.verify(token) {
-        Err(msg) => html(
+        Err(msg) => login_form(
+            req,
+            config,
             StatusCode::UNAUTHORIZED,
-            pages::login_page(Some(&format!("That token was not accepted: {msg}."))),
+            Some(&format!("That token was not accepted: {msg}.")),
         ),
         Ok(p) if p.role == Role::Agent => forbidden_page(),
         Ok(p) => {
@@ -328,6 +455,11 @@ async fn login(
                 .header(
                     header::SET_COOKIE,
                     set_cookie(SESSION_COOKIE, token, None, config.secure_cookie),
+                )
+                // The nonce has done its job; a new login gets a new one.
+                .header(
+                    header::SET_COOKIE,
+                    set_cookie(LOGIN_COOKIE, "", Some(0), config.secure_cookie),
                 )
                 .finish()
         }
@@ -707,11 +839,27 @@ mod tests {
 
     #[test]
     fn csrf_tokens_are_bound_to_the_session() {
+        use CsrfPurpose::{Login, Session};
         let t = csrf_token("session-one");
-        assert!(csrf_valid("session-one", Some(&t)));
-        assert!(!csrf_valid("session-two", Some(&t)));
-        assert!(!csrf_valid("session-one", None));
-        assert!(!csrf_valid("session-one", Some("zz")));
-        assert!(!csrf_valid("session-one", Some("")));
+        assert!(csrf_valid(Session, "session-one", Some(&t)));
+        assert!(!csrf_valid(Session, "session-two", Some(&t)));
+        assert!(!csrf_valid(Session, "session-one", None));
+        assert!(!csrf_valid(Session, "session-one", Some("zz")));
+        assert!(!csrf_valid(Session, "session-one", Some("")));
+        // A token for one purpose never passes for the other, even under the same key.
+        assert!(!csrf_valid(Login, "session-one", Some(&t)));
+        let for_login = login_csrf_token("session-one");
+        assert!(csrf_valid(Login, "session-one", Some(&for_login)));
+        assert!(!csrf_valid(Session, "session-one", Some(&for_login)));
+    }
+
+    #[test]
+    fn login_notices_are_only_known_codes() {
+        assert_eq!(
+            LoginNotice::parse("session_ended"),
+            Some(LoginNotice::SessionEnded)
+        );
+        assert_eq!(LoginNotice::parse("Call us now"), None);
+        assert_eq!(LoginNotice::parse(""), None);
     }
 }

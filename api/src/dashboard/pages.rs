@@ -122,7 +122,7 @@ pub fn error_page(s: &Session, title: &str, message: &str) -> Markup {
     )
 }
 
-pub fn login_page(error: Option<&str>) -> Markup {
+pub fn login_page(error: Option<&str>, csrf: &str) -> Markup {
     layout(
         None,
         "Log in",
@@ -130,6 +130,7 @@ pub fn login_page(error: Option<&str>) -> Markup {
             h1 { "Log in" }
             @if let Some(e) = error { p.problem #message { (e) } }
             form method="post" action="/dashboard/login" style="background:#fff;padding:16px;max-width:640px" {
+                input type="hidden" name="csrf" value=(csrf);
                 p.muted { "Paste an ops or admin token (" code { "api mint-token --tenant <uuid> --role ops" } ")." }
                 label for="token" { "Token" }
                 br;

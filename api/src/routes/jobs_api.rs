@@ -54,6 +54,17 @@ impl From<JobRecord> for JobView {
     }
 }
 
+impl JobView {
+    /// The view every endpoint shows: credential-like argument values redacted, so whoever may
+    /// read a job never reads a secret a handler was given.
+    #[must_use]
+    pub fn redacted(job: JobRecord) -> Self {
+        let mut v = Self::from(job);
+        v.arguments = crate::dashboard::service::redact(v.arguments);
+        v
+    }
+}
+
 /// The answer to every request that enqueues work.
 #[derive(Debug, Object)]
 #[oai(skip_serializing_if_is_none)]
@@ -87,9 +98,18 @@ pub struct JobsApi {
 
 #[OpenApi(prefix_path = "/api/v1", tag = "ApiTags::Jobs")]
 impl JobsApi {
-    /// A job's state, attempts and errors. Ops see every job; others see their tenant's.
+    /// A job's state, attempts and errors. Ops see every job, admins their tenant's; agents
+    /// are refused. Argument values of keys naming a token, secret, password or code_verifier
+    /// are redacted.
     #[oai(path = "/jobs/:job_id", method = "get")]
     async fn get_job(&self, auth: BearerAuth, job_id: Path<i64>) -> ApiResult<Json<JobView>> {
+        // Jobs carry arguments and errors of every mailbox of the tenant: README gives them to
+        // admins, not to agents.
+        if !auth.0.at_least_admin() {
+            return Err(ApiError::forbidden(
+                "only the admin and ops roles may read jobs",
+            ));
+        }
         let job = self
             .state
             .queue
@@ -97,7 +117,7 @@ impl JobsApi {
             .await?
             .filter(|j| auth.0.is_ops() || j.tenant_id == Some(auth.0.tenant.as_uuid()))
             .ok_or_else(|| ApiError::not_found("job"))?;
-        Ok(Json(job.into()))
+        Ok(Json(JobView::redacted(job)))
     }
 
     /// Enqueues a diagnostic probe job to check the pipeline end to end (ops only).
