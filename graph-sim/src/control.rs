@@ -184,6 +184,14 @@ fn route(sim: &GraphSim, req: &SimRequest) -> Result<SimResponse, SimResponse> {
             sim.set_login_user(b["user"].as_str().unwrap_or(""));
             no_content()
         }
+        ("POST", ["sign-in-as"]) => {
+            let b: Value = body(req)?;
+            match b["user"].as_str() {
+                Some(user) => sim.sign_in_as(user),
+                None => sim.clear_sign_in_as(),
+            }
+            no_content()
+        }
         ("POST", ["faults"]) => {
             let rule: FaultRule = body(req)?;
             ok_json(&json!({"id": sim.set_fault(rule)}))

@@ -676,6 +676,15 @@ impl GraphSim {
             if let Some(t) = &target {
                 let rec = st.user_by_id(t).expect("resolved user");
                 out.mailbox = Some(rec.user.upn.clone());
+                // No Exchange Online mailbox behind the address: nothing to grant rights on.
+                if cls.mailbox_scoped && rec.mailbox.no_cloud_mailbox {
+                    out.resp = ctx.error(
+                        404,
+                        "MailboxNotEnabledForRESTAPI",
+                        "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+                    );
+                    return out;
+                }
                 let shared = *t != grant.user_id;
                 let allowed = !shared
                     || rec.mailbox.delegates.contains(&grant.user_id)
@@ -701,6 +710,18 @@ impl GraphSim {
                         403,
                         "ErrorAccessDenied",
                         "Access is denied. Check credentials and try again.",
+                    );
+                    return out;
+                }
+                // Full access lets a delegate read and draft, not send as the mailbox.
+                if shared
+                    && cls.need == Need::MailSend
+                    && rec.mailbox.send_as_denied.contains(&grant.user_id)
+                {
+                    out.resp = ctx.error(
+                        403,
+                        "ErrorSendAsDenied",
+                        "The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account., Cannot submit message.",
                     );
                     return out;
                 }

@@ -139,7 +139,11 @@ async fn authorize(sim: &GraphSim, req: &SimRequest, ctx: &Ctx, tenant: &str) ->
         }
         Some((get("code_challenge").to_string(), method.to_string()))
     };
-    let user_key = if !get("login_hint").is_empty() {
+    // Like Microsoft: `login_hint` only pre-fills the sign-in; the person may sign in as
+    // someone else (`sign_in_as`).
+    let user_key = if let Some(u) = st.sign_in_as.clone() {
+        Some(u)
+    } else if !get("login_hint").is_empty() {
         Some(get("login_hint").to_string())
     } else if let Some(u) = st.login_user.clone() {
         Some(u)

@@ -45,6 +45,7 @@
 //! | POST | `/_sim/users/{user}/evict-delta` | → 204 |
 //! | POST | `/_sim/users/{user}/generate` | GeneratorSpec → GeneratedSummary |
 //! | POST | `/_sim/login-user` | `{user}` → 204 |
+//! | POST | `/_sim/sign-in-as` | `{user}` (`{"user": null}` clears) → 204 |
 //! | POST | `/_sim/faults` | FaultRule → `{id}` |
 //! | GET | `/_sim/faults` | → [{id, rule}] |
 //! | DELETE | `/_sim/faults` / `/_sim/faults/{id}` | → 204 |
@@ -58,6 +59,16 @@
 //! - Shared mailboxes: no endpoint lists them. A user reaches another mailbox only after
 //!   [`GraphSim::grant_mailbox_access`] and with a `.Shared` scope; otherwise 403
 //!   `ErrorAccessDenied`. An unknown `/users/{x}` gives 404 `ErrorInvalidUser`.
+//!   [`GraphSim::grant_mailbox_access_without_send_as`]: full access without SendAs; reads and
+//!   drafts work, the send routes (`sendMail`, `send`, `reply`, `replyAll`, `forward`) as that
+//!   mailbox answer 403 `ErrorSendAsDenied`. [`GraphSim::set_cloud_mailbox`]`(user, false)`: a
+//!   directory user without a cloud mailbox; `GET /users/{x}` still answers, every mailbox route
+//!   (own or delegated, checked before rights) answers 404 `MailboxNotEnabledForRESTAPI` (the
+//!   contract names only the code; 404 is what Graph answers).
+//! - Who signs in at authorize: the [`GraphSim::sign_in_as`] user if set (a person who signs in
+//!   as someone else than the link suggested: `login_hint` only pre-fills Microsoft's sign-in),
+//!   else the `login_hint` user, else the [`GraphSim::set_login_user`] user, else the first
+//!   non-shared user of the authority's tenant.
 //! - `Retry-After` is always delta-seconds (integer or decimal), never an HTTP-date.
 //! - Mailbox-concurrency 429s carry `Retry-After: 1` (configurable); budget 429s (`TooManyRequests`)
 //!   carry the seconds until the oldest request leaves the 10-minute window.
@@ -77,7 +88,9 @@
 //! - Subscription validation: the token looks like Graph's ("Validation: Testing client
 //!   application reachability for subscription Request-Id: {guid}") and is form-encoded
 //!   (spaces as `+`). Failure or time-out = 400 `ValidationError`. `http://` notification URLs are
-//!   accepted (real Graph wants https). Notifications are retried 3 times on 5xx/transport errors.
+//!   accepted (real Graph wants https). A notification POST not answered within 3 s (contract
+//!   §7; `SimConfig::notification_timeout_ms`) is a failed delivery, like a 5xx or transport
+//!   error: recorded with `status: None` and retried 3 times.
 //! - Notifications carry immutable ids when the subscription was created with
 //!   `Prefer: IdType="ImmutableId"`; several changes of one subscription share one POST.
 //! - Time: tests shorten expiries with [`SimConfig`] lifetimes, [`GraphSim::advance_clock`]
@@ -154,6 +167,9 @@ pub struct SimConfig {
     /// Delay before a Sent Items copy becomes visible.
     pub sent_items_delay_ms: u64,
     pub subscription_validation_timeout_ms: u64,
+    /// How long a notification receiver has to answer (contract: 202 within 3 s); a slower
+    /// answer is a failed delivery and is retried.
+    pub notification_timeout_ms: u64,
     pub max_subscription_minutes: i64,
     pub default_page_size: usize,
     /// Links (nextLink, deltaLink) use this instead of the request's Host header.
@@ -181,6 +197,7 @@ impl Default for SimConfig {
             auto_consent: true,
             sent_items_delay_ms: 0,
             subscription_validation_timeout_ms: 10_000,
+            notification_timeout_ms: 3_000,
             max_subscription_minutes: 4230,
             default_page_size: 10,
             public_base_url: None,
@@ -324,8 +341,30 @@ impl GraphSim {
             .expect("graph-sim: create_shared_mailbox")
     }
 
-    /// Lets `delegate` open `mailbox` (with `Mail.*.Shared` scopes).
+    /// Lets `delegate` open `mailbox` (with `Mail.*.Shared` scopes), SendAs included.
     pub fn grant_mailbox_access(&self, mailbox: impl AsUser, delegate: impl AsUser) {
+        let mut st = self.lock();
+        let delegate_id = st
+            .user(&delegate.user_key())
+            .map(|u| u.user.id.clone())
+            .expect("graph-sim: unknown delegate");
+        let mailbox = &mut st
+            .user_mut(&mailbox.user_key())
+            .expect("graph-sim: unknown mailbox")
+            .mailbox;
+        mailbox.send_as_denied.remove(&delegate_id);
+        mailbox.delegates.insert(delegate_id);
+    }
+
+    /// Full access without SendAs: `delegate` opens `mailbox` (reads, drafts, moves), but
+    /// sending as it (`sendMail`, `messages/{id}/send`, `reply`, `replyAll`, `forward`) answers
+    /// 403 `ErrorSendAsDenied`. [`GraphSim::grant_mailbox_access`] gives SendAs back.
+    pub fn grant_mailbox_access_without_send_as(
+        &self,
+        mailbox: impl AsUser,
+        delegate: impl AsUser,
+    ) {
+        self.grant_mailbox_access(mailbox.user_key(), delegate.user_key());
         let mut st = self.lock();
         let delegate_id = st
             .user(&delegate.user_key())
@@ -334,8 +373,19 @@ impl GraphSim {
         st.user_mut(&mailbox.user_key())
             .expect("graph-sim: unknown mailbox")
             .mailbox
-            .delegates
+            .send_as_denied
             .insert(delegate_id);
+    }
+
+    /// `false`: the user stays in the directory (`GET /users/{x}` answers) but has no cloud
+    /// mailbox (hosted on-premises, unlicensed): every mailbox route, for the user and for
+    /// delegates alike, answers 404 `MailboxNotEnabledForRESTAPI`. `true` restores it.
+    pub fn set_cloud_mailbox(&self, user: impl AsUser, enabled: bool) {
+        self.lock()
+            .user_mut(&user.user_key())
+            .expect("graph-sim: unknown user")
+            .mailbox
+            .no_cloud_mailbox = !enabled;
     }
 
     pub fn users(&self) -> Vec<SimUser> {
@@ -528,6 +578,17 @@ impl GraphSim {
     /// The user the authorize endpoint signs in when there is no `login_hint`.
     pub fn set_login_user(&self, user: impl AsUser) {
         self.lock().login_user = Some(user.user_key());
+    }
+
+    /// The user who finishes every sign-in from now on, whatever `login_hint` pre-filled (at
+    /// Microsoft the hint only pre-fills the account; the person may pick another one).
+    pub fn sign_in_as(&self, user: impl AsUser) {
+        self.lock().sign_in_as = Some(user.user_key());
+    }
+
+    /// Undoes [`GraphSim::sign_in_as`]: sign-ins follow `login_hint` again.
+    pub fn clear_sign_in_as(&self) {
+        self.lock().sign_in_as = None;
     }
 
     pub fn set_sent_items_delay(&self, delay: StdDuration) {

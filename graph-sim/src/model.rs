@@ -441,7 +441,8 @@ pub struct LogEntry {
 pub struct NotificationRecord {
     pub subscription_id: String,
     pub url: String,
-    /// `None` when the request failed at the transport level.
+    /// `None` when the request failed at the transport level or was not answered in time
+    /// (`SimConfig::notification_timeout_ms`).
     pub status: Option<u16>,
     pub items: usize,
     pub lifecycle_event: Option<String>,

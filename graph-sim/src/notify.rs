@@ -81,6 +81,8 @@ async fn deliver(
     event: Option<String>,
 ) {
     let body = json!({"value": items}).to_string();
+    // Contract §7: the receiver answers within 3 s; a later answer counts as a failure.
+    let timeout = StdDuration::from_millis(sim.lock().cfg.notification_timeout_ms);
     for attempt in 1..=4u32 {
         let res = sim
             .inner
@@ -88,7 +90,7 @@ async fn deliver(
             .post(&url)
             .header("Content-Type", "application/json; charset=utf-8")
             .body(body.clone())
-            .timeout(StdDuration::from_secs(10))
+            .timeout(timeout)
             .send()
             .await;
         let status = res.as_ref().ok().map(|r| r.status().as_u16());

@@ -152,6 +152,12 @@ pub(crate) struct Mailbox {
     pub clock: u64,
     pub delta: HashMap<String, FolderDelta>,
     pub delegates: HashSet<String>,
+    /// Delegates (user ids) with full access but without SendAs: sending as this mailbox
+    /// answers 403 `ErrorSendAsDenied`.
+    pub send_as_denied: HashSet<String>,
+    /// No cloud (Exchange Online) mailbox: mailbox routes answer 404
+    /// `MailboxNotEnabledForRESTAPI`.
+    pub no_cloud_mailbox: bool,
 }
 
 impl Mailbox {
@@ -329,6 +335,8 @@ pub(crate) struct State {
     pub outbox: Vec<Outgoing>,
     pub notifications: Vec<NotificationRecord>,
     pub login_user: Option<String>,
+    /// The user who finishes every sign-in, whatever `login_hint` pre-filled.
+    pub sign_in_as: Option<String>,
 }
 
 pub(crate) fn html_to_text(html: &str) -> String {
@@ -518,6 +526,7 @@ impl State {
             outbox: vec![],
             notifications: vec![],
             login_user: None,
+            sign_in_as: None,
         }
     }
 

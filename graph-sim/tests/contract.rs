@@ -1463,3 +1463,243 @@ async fn token_endpoint_throttles_with_429_and_refuses_unknown_tenants_as_invali
         "{v}"
     );
 }
+
+const SHARED_SCOPES: &[&str] = &[
+    "offline_access",
+    "User.Read",
+    "Mail.ReadWrite",
+    "Mail.Send",
+    "Mail.ReadWrite.Shared",
+    "Mail.Send.Shared",
+];
+
+#[tokio::test]
+async fn full_access_without_send_as_reads_a_shared_mailbox_but_cannot_send_as_it() {
+    let mut e = env().await;
+    e.token = e.sim.issue_tokens_for(&e.user, SHARED_SCOPES).access_token;
+    let help = e.sim.create_shared_mailbox(
+        "contoso.onmicrosoft.com",
+        "help@contoso.onmicrosoft.com",
+        "Help desk",
+    );
+    e.sim.grant_mailbox_access_without_send_as(&help, &e.user);
+    let inbound = e.sim.deliver(
+        &help,
+        InboundMail::new("customer@example.com", "Shared question").text("?"),
+    );
+    let base = format!("/users/{}", help.upn);
+
+    // Full access: the probe, reads and a reply draft all work.
+    let (s, _, v) = e.get(&format!("{base}/mailFolders/inbox")).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _, v) = e.get(&format!("{base}/mailFolders/inbox/messages")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["value"][0]["subject"], "Shared question");
+    let (s, _, draft) = e
+        .send(
+            reqwest::Method::POST,
+            &format!("{base}/messages/{}/createReply", inbound.id),
+            Some(json!({"comment": "On it."})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 201, "{draft}");
+    let draft_id = draft["id"].as_str().unwrap().to_string();
+
+    // No SendAs: every way of sending as the mailbox is refused with Graph's error body.
+    let message = json!({"message": {
+        "subject": "Hello",
+        "body": {"contentType": "text", "content": "x"},
+        "toRecipients": [{"emailAddress": {"address": "customer@example.com"}}],
+    }});
+    let attempts = [
+        (format!("{base}/messages/{draft_id}/send"), None),
+        (format!("{base}/sendMail"), Some(message)),
+        (
+            format!("{base}/messages/{}/reply", inbound.id),
+            Some(json!({"comment": "x"})),
+        ),
+        (
+            format!("{base}/messages/{}/replyAll", inbound.id),
+            Some(json!({"comment": "x"})),
+        ),
+        (
+            format!("{base}/messages/{}/forward", inbound.id),
+            Some(
+                json!({"comment": "x", "toRecipients": [{"emailAddress": {"address": "a@example.com"}}]}),
+            ),
+        ),
+    ];
+    for (path, body) in attempts {
+        let (s, _, v) = e.send(reqwest::Method::POST, &path, body, &[]).await;
+        assert_eq!(s, 403, "{path}: {v}");
+        assert_graph_error(&v, "ErrorSendAsDenied");
+    }
+    assert!(e.sim.sends().is_empty(), "nothing left the mailbox");
+    let (s, _, v) = e.get(&format!("{base}/messages/{draft_id}")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["isDraft"], true, "the refused draft is still a draft");
+
+    // The user's own mailbox is not affected, and granting SendAs lets the draft go.
+    let (s, _, v) = e
+        .send(
+            reqwest::Method::POST,
+            "/me/sendMail",
+            Some(json!({"message": {
+                "subject": "Own",
+                "body": {"contentType": "text", "content": "x"},
+                "toRecipients": [{"emailAddress": {"address": "customer@example.com"}}],
+            }})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    e.sim.grant_mailbox_access(&help, &e.user);
+    let (s, _, v) = e
+        .send(
+            reqwest::Method::POST,
+            &format!("{base}/messages/{draft_id}/send"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+}
+
+#[tokio::test]
+async fn an_address_without_a_cloud_mailbox_answers_mailbox_not_enabled_for_rest_api() {
+    let mut e = env().await;
+    let onprem = e.sim.create_user(
+        "contoso.onmicrosoft.com",
+        "onprem@contoso.onmicrosoft.com",
+        "On Premises",
+    );
+    e.sim.set_cloud_mailbox(&onprem, false);
+    e.sim.grant_mailbox_access(&onprem, &e.user);
+    e.token = e.sim.issue_tokens_for(&e.user, SHARED_SCOPES).access_token;
+    let base = format!("/users/{}", onprem.upn);
+
+    // The directory entry is there; the mailbox is not, whatever the rights.
+    let (s, _, v) = e.get(&base).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["userPrincipalName"], onprem.upn.as_str());
+    for path in [
+        format!("{base}/mailFolders/inbox"),
+        format!("{base}/mailFolders/inbox/messages"),
+        format!("{base}/messages"),
+    ] {
+        let (s, _, v) = e.get(&path).await;
+        assert_eq!(s, 404, "{path}: {v}");
+        assert_graph_error(&v, "MailboxNotEnabledForRESTAPI");
+    }
+    let (s, _, v) = e
+        .send(
+            reqwest::Method::POST,
+            &format!("{base}/sendMail"),
+            Some(json!({"message": {"subject": "x"}})),
+            &[],
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    assert_graph_error(&v, "MailboxNotEnabledForRESTAPI");
+
+    // The user's own token: /me works, /me's mailbox does not.
+    e.token = e.sim.issue_tokens_for(&onprem, SCOPES).access_token;
+    let (s, _, v) = e.get("/me").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _, v) = e.get("/me/mailFolders").await;
+    assert_eq!(s, 404, "{v}");
+    assert_graph_error(&v, "MailboxNotEnabledForRESTAPI");
+
+    // Restored: a mailbox again.
+    e.sim.set_cloud_mailbox(&onprem, true);
+    let (s, _, v) = e.get("/me/mailFolders/inbox").await;
+    assert_eq!(s, 200, "{v}");
+}
+
+/// A notification receiver that answers the validation handshake at once and every
+/// notification with 202 after `delay`.
+async fn delayed_receiver(delay: Duration) -> String {
+    use poem::{EndpointExt, Route, handler, post};
+
+    #[handler]
+    async fn hook(req: &poem::Request) -> poem::Response {
+        let delay = *req.data::<Duration>().unwrap();
+        let q = req.uri().query().unwrap_or("");
+        if let Some(raw) = q
+            .split('&')
+            .find_map(|p| p.strip_prefix("validationToken="))
+        {
+            let token = url::form_urlencoded::parse(format!("t={raw}").as_bytes())
+                .next()
+                .unwrap()
+                .1
+                .into_owned();
+            return poem::Response::builder()
+                .content_type("text/plain")
+                .body(token);
+        }
+        tokio::time::sleep(delay).await;
+        poem::Response::builder()
+            .status(poem::http::StatusCode::ACCEPTED)
+            .finish()
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = poem::listener::TcpAcceptor::from_tokio(listener).unwrap();
+    let app = Route::new().at("/hook", post(hook).data(delay));
+    tokio::spawn(async move {
+        let _ = poem::Server::new_with_acceptor(acceptor).run(app).await;
+    });
+    format!("http://{addr}/hook")
+}
+
+#[tokio::test]
+async fn a_notification_answered_after_three_seconds_is_a_failed_delivery() {
+    let e = env().await;
+    let fast = delayed_receiver(Duration::ZERO).await;
+    let slow = delayed_receiver(Duration::from_secs(4)).await;
+    let exp = (chrono::Utc::now() + chrono::Duration::minutes(60)).to_rfc3339();
+    for url in [&fast, &slow] {
+        let (s, _, v) = e
+            .send(
+                reqwest::Method::POST,
+                "/subscriptions",
+                Some(json!({
+                    "changeType": "created",
+                    "notificationUrl": url,
+                    "resource": "me/mailFolders('Inbox')/messages",
+                    "expirationDateTime": exp,
+                    "clientState": "s",
+                })),
+                &[],
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    e.deliver("notify both");
+
+    // The slow receiver's answer (202 after 4 s) comes too late: a failure, so it is retried.
+    let t0 = Instant::now();
+    let records = loop {
+        let records = e.sim.notifications();
+        if records.iter().any(|r| r.url == slow && r.attempt >= 2) {
+            break records;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the slow delivery was not retried: {records:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let slow_records: Vec<_> = records.iter().filter(|r| r.url == slow).collect();
+    assert!(
+        slow_records.iter().all(|r| r.status.is_none()),
+        "{slow_records:?}"
+    );
+    let fast_records: Vec<_> = records.iter().filter(|r| r.url == fast).collect();
+    assert_eq!(fast_records.len(), 1, "{fast_records:?}");
+    assert_eq!(fast_records[0].status, Some(202));
+    assert_eq!(fast_records[0].attempt, 1);
+}

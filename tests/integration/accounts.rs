@@ -44,13 +44,22 @@ async fn world() -> World {
 impl World {
     /// Starts the connect flow and follows Microsoft's redirect to our callback, like a browser.
     async fn connect(&self, login_hint: &str) -> (reqwest::StatusCode, String, String) {
+        self.connect_with(Some(login_hint)).await
+    }
+
+    /// [`World::connect`], with or without a `login_hint`.
+    async fn connect_with(
+        &self,
+        login_hint: Option<&str>,
+    ) -> (reqwest::StatusCode, String, String) {
+        let path = match login_hint {
+            Some(hint) => format!("/api/v1/oauth/connect?login_hint={hint}"),
+            None => "/api/v1/oauth/connect".to_string(),
+        };
         let start: serde_json::Value = self
             .app
             .client
-            .get(
-                self.app
-                    .url(&format!("/api/v1/oauth/connect?login_hint={login_hint}")),
-            )
+            .get(self.app.url(&path))
             .bearer_auth(&self.admin)
             .send()
             .await
@@ -66,7 +75,12 @@ impl World {
             authorize.contains("code_challenge_method=S256"),
             "{authorize}"
         );
-        let resp = self.app.client.get(&authorize).send().await.unwrap();
+        self.sign_in(&authorize).await
+    }
+
+    /// Follows a Microsoft sign-in URL to our callback, like a browser.
+    async fn sign_in(&self, authorize: &str) -> (reqwest::StatusCode, String, String) {
+        let resp = self.app.client.get(authorize).send().await.unwrap();
         assert_eq!(resp.status(), 302, "graph-sim redirects back");
         let callback = resp.headers()["location"].to_str().unwrap().to_string();
         let page = self.app.client.get(&callback).send().await.unwrap();
@@ -568,6 +582,9 @@ async fn a_connection_test_finishing_after_a_disconnect_leaves_the_account_disab
     assert_eq!(w.account_status(account).await.0, "disabled");
 }
 
+/// A connection test whose result cannot be stored (the database failed at that moment) is
+/// retried like any outage; it used to be reported as a Graph decode error, which is
+/// permanent, and the connect-time test died on its first try.
 #[tokio::test]
 async fn a_connection_test_that_cannot_store_its_result_is_retried() {
     let w = world().await;
@@ -746,6 +763,72 @@ async fn an_admin_lists_folders_and_probes_shared_mailboxes() {
 }
 
 #[tokio::test]
+async fn probing_tells_a_directory_user_without_a_cloud_mailbox_from_one_without_rights() {
+    let w = world().await;
+    w.connect("helpdesk@contoso.example").await;
+    let account = w.account().await;
+    let t = w
+        .sim
+        .tenants()
+        .into_iter()
+        .find(|t| t.domain == "contoso.example")
+        .unwrap();
+    // In the directory, but hosted on-premises: Graph answers MailboxNotEnabledForRESTAPI.
+    let onprem = w
+        .sim
+        .create_user(&t, "onprem@contoso.example", "On Premises");
+    w.sim.set_cloud_mailbox(&onprem, false);
+    // Full access without SendAs: the probe only reads, so it can open the mailbox.
+    let billing = w
+        .sim
+        .create_shared_mailbox(&t, "billing@contoso.example", "Billing");
+    w.sim
+        .grant_mailbox_access_without_send_as(&billing, "helpdesk@contoso.example");
+    let resp = w
+        .app
+        .client
+        .get(w.app.url(&format!(
+            "/api/v1/accounts/{account}/mailboxes?shared=onprem@contoso.example,billing@contoso.example"
+        )))
+        .bearer_auth(&w.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    let access: Vec<(&str, &str)> = body["shared"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["address"].as_str().unwrap(),
+                s["access"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        access,
+        vec![
+            ("onprem@contoso.example", "no_mailbox"),
+            ("billing@contoso.example", "accessible"),
+        ]
+    );
+    let probes = w
+        .sim
+        .request_log()
+        .into_iter()
+        .filter(|e| e.path.contains("/mailFolders/inbox") && e.path.contains("onprem"))
+        .map(|e| (e.status, e.error_code))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        probes,
+        vec![(404, Some("MailboxNotEnabledForRESTAPI".to_string()))],
+        "one probe, answered as Graph answers an address without a cloud mailbox"
+    );
+}
+
+#[tokio::test]
 async fn disconnecting_wipes_tokens_cancels_pending_jobs_and_is_audited() {
     let w = world().await;
     w.connect("helpdesk@contoso.example").await;
@@ -834,4 +917,201 @@ async fn tokens_are_re_encrypted_under_a_new_key_and_the_old_key_can_then_leave(
         .await
         .unwrap();
     assert_eq!(again.rows_reencrypted, 0, "nothing left under the old key");
+}
+
+/// A Microsoft user outside the mailbox a sign-in link is for.
+fn stranger(w: &World) -> &'static str {
+    let t = w.sim.create_tenant("y.example", "Y");
+    w.sim.create_user(&t, "b@y.example", "B Stranger");
+    "b@y.example"
+}
+
+async fn count(w: &World, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&w.app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// `login_hint` only pre-fills Microsoft's sign-in: whoever finishes it may be someone else.
+/// A connect started for helpdesk@ that b@ finishes connects nothing and spends the link.
+#[tokio::test]
+async fn a_connect_for_one_mailbox_refuses_a_sign_in_as_another() {
+    let w = world().await;
+    let b = stranger(&w);
+    w.sim.sign_in_as(b);
+    let (status, page, callback) = w.connect("helpdesk@contoso.example").await;
+    assert_eq!(status, 400, "{page}");
+    for says in [
+        "This sign-in link was for helpdesk@contoso.example, but b@y.example signed in",
+        "Nothing was connected",
+        "sign in to Microsoft as helpdesk@contoso.example",
+        "To connect b@y.example instead, start a new connection without an address",
+    ] {
+        assert!(page.contains(says), "{says:?} in {page}");
+    }
+    assert_eq!(
+        w.sim.stats().token_requests("authorization_code"),
+        1,
+        "the code was redeemed: only /me tells who signed in"
+    );
+
+    // No account (so no tokens), no jobs, nothing audited as connected.
+    assert_eq!(
+        count(&w, "SELECT count(*) FROM helpdesk_email_accounts").await,
+        0
+    );
+    assert_eq!(count(&w, "SELECT count(*) FROM queue_jobs").await, 0);
+    assert_eq!(
+        count(
+            &w,
+            "SELECT count(*) FROM audit_log WHERE action LIKE 'account.%'"
+        )
+        .await,
+        0
+    );
+
+    // The link is spent: the same callback again is refused and redeems nothing.
+    assert_eq!(
+        count(
+            &w,
+            "SELECT count(*) FROM oauth_states WHERE consumed_at IS NULL"
+        )
+        .await,
+        0
+    );
+    let replay = w.app.client.get(&callback).send().await.unwrap();
+    assert_eq!(replay.status(), 400);
+    assert!(replay.text().await.unwrap().contains("already used"));
+    assert_eq!(w.sim.stats().token_requests("authorization_code"), 1);
+    assert_eq!(
+        count(&w, "SELECT count(*) FROM helpdesk_email_accounts").await,
+        0
+    );
+}
+
+/// A Reconnect link (the dashboard's, through `start_reconnect`) finished by another user
+/// leaves the existing account exactly as it was and creates none.
+#[tokio::test]
+async fn a_reconnect_finished_by_another_user_leaves_the_account_unchanged() {
+    let w = world().await;
+    let (status, page, _) = w.connect("helpdesk@contoso.example").await;
+    assert_eq!(status, 200, "{page}");
+    let account = w.account().await;
+    sqlx::query(
+        "UPDATE helpdesk_email_accounts SET status = 'needs_reauth', status_reason = 'invalid_grant'",
+    )
+    .execute(&w.app.db.pool)
+    .await
+    .unwrap();
+    let row = |w: &World| {
+        let pool = w.app.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT row_to_json(a)::text FROM helpdesk_email_accounts a",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let before = row(&w).await;
+    let jobs_before = count(&w, "SELECT count(*) FROM queue_jobs").await;
+    let audit_before = count(&w, "SELECT count(*) FROM audit_log").await;
+
+    let url = jobs::accounts::connect::start_reconnect(
+        &w.services(),
+        account,
+        Some(w.tenant),
+        "test-admin",
+    )
+    .await
+    .unwrap()
+    .expect("the account exists");
+    assert!(
+        url.query_pairs()
+            .any(|(k, v)| k == "login_hint" && v == "helpdesk@contoso.example"),
+        "{url}"
+    );
+    let b = stranger(&w);
+    w.sim.sign_in_as(b);
+    let (status, page, _) = w.sign_in(url.as_str()).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(
+        page.contains(
+            "This sign-in link was for helpdesk@contoso.example, but b@y.example signed in"
+        ),
+        "{page}"
+    );
+
+    assert_eq!(
+        row(&w).await,
+        before,
+        "the account is untouched, and no other appeared"
+    );
+    assert_eq!(
+        count(&w, "SELECT count(*) FROM queue_jobs").await,
+        jobs_before,
+        "no jobs queued"
+    );
+    assert_eq!(
+        count(&w, "SELECT count(*) FROM audit_log").await,
+        audit_before,
+        "no reconnect audited"
+    );
+
+    // The right person following a fresh Reconnect link does reconnect it.
+    w.sim.clear_sign_in_as();
+    let url = jobs::accounts::connect::start_reconnect(
+        &w.services(),
+        account,
+        Some(w.tenant),
+        "test-admin",
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (status, page, _) = w.sign_in(url.as_str()).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(w.account().await, account);
+    let status: String = sqlx::query_scalar("SELECT status FROM helpdesk_email_accounts")
+        .fetch_one(&w.app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "active");
+}
+
+/// The expected mailbox is compared like every address: the case of the hint does not matter.
+#[tokio::test]
+async fn a_connect_for_a_mailbox_accepts_it_signed_in_under_another_case() {
+    let w = world().await;
+    w.sim.sign_in_as("helpdesk@contoso.example");
+    let (status, page, _) = w.connect("HelpDesk@CONTOSO.Example").await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("helpdesk@contoso.example is connected"),
+        "{page}"
+    );
+    assert_eq!(
+        count(&w, "SELECT count(*) FROM helpdesk_email_accounts WHERE email_address = 'helpdesk@contoso.example'").await,
+        1
+    );
+}
+
+/// Without a hint the product flow is unchanged: an admin connects a mailbox by signing in as
+/// it, whichever it is.
+#[tokio::test]
+async fn a_connect_without_a_hint_connects_whoever_signs_in() {
+    let w = world().await;
+    let b = stranger(&w);
+    w.sim.sign_in_as(b);
+    let (status, page, _) = w.connect_with(None).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("b@y.example is connected"), "{page}");
+    let email: String = sqlx::query_scalar("SELECT email_address FROM helpdesk_email_accounts")
+        .fetch_one(&w.app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(email, "b@y.example");
+    assert_eq!(count(&w, "SELECT count(*) FROM queue_jobs").await, 2);
 }

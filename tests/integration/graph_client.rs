@@ -671,3 +671,102 @@ async fn probing_shared_mailboxes() {
     assert_eq!(page.value[0].subject.as_deref(), Some("Shared question"));
     w.sim.shutdown().await;
 }
+
+const SHARED_SCOPES: &[&str] = &[
+    "offline_access",
+    "User.Read",
+    "Mail.ReadWrite",
+    "Mail.Send",
+    "Mail.ReadWrite.Shared",
+    "Mail.Send.Shared",
+];
+
+#[tokio::test]
+async fn sending_as_a_shared_mailbox_without_send_as_is_a_permanent_clearly_worded_error() {
+    let w = world_with_scopes(SHARED_SCOPES).await;
+    let shared = w
+        .sim
+        .create_shared_mailbox("contoso.com", "help@contoso.com", "Help desk");
+    w.sim.grant_mailbox_access_without_send_as(&shared, &w.user);
+    let inbound = w.sim.deliver(
+        &shared,
+        InboundMail::new("customer@fabrikam.com", "Shared question").text("?"),
+    );
+    let help = w
+        .graph
+        .for_mailbox(jobs::graph::Mailbox::User("help@contoso.com".into()));
+
+    // Full access: the probe opens it and a reply draft can be made.
+    assert!(matches!(
+        w.graph.probe_mailbox("help@contoso.com").await.unwrap(),
+        MailboxProbe::Accessible(_)
+    ));
+    let target = MicrosoftMessageId::try_from(inbound.id.clone()).unwrap();
+    let draft = help
+        .create_reply(&target, &ReplyContent::Comment("On it.".into()))
+        .await
+        .unwrap();
+
+    let err = help.send_draft(&draft.id).await.unwrap_err();
+    assert!(err.is_send_as_denied(), "{err:?}");
+    assert!(
+        !err.is_access_denied(),
+        "not a plain access denial: {err:?}"
+    );
+    assert_eq!(err.status(), Some(403));
+    assert_eq!(err.class(), ErrorClass::Permanent);
+    let text = err.to_string();
+    assert!(
+        text.contains("ErrorSendAsDenied") && text.contains("does not have the right to send"),
+        "{text}"
+    );
+    let err = help
+        .send_mail(
+            &jobs::graph::OutgoingMessage {
+                fields: MessagePatch {
+                    subject: Some("Hello".into()),
+                    body: Some(ItemBody::html("<p>x</p>".to_string())),
+                    to_recipients: Some(vec![jobs::graph::Recipient::new(
+                        "customer@fabrikam.com",
+                        None,
+                    )]),
+                    ..MessagePatch::default()
+                },
+                attachments: vec![],
+            },
+            true,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_send_as_denied(), "{err:?}");
+    assert_eq!(err.class(), ErrorClass::Permanent);
+    // A permanent error: each refusal was asked once, nothing was sent.
+    let stats = w.sim.stats();
+    assert_eq!(stats.route_status("POST /me/messages/{id}/send", 403), 1);
+    assert_eq!(stats.route_status("POST /me/sendMail", 403), 1);
+    assert!(w.sim.sends().is_empty());
+    w.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_address_without_a_cloud_mailbox_probes_as_no_mailbox() {
+    let w = world_with_scopes(SHARED_SCOPES).await;
+    let onprem = w
+        .sim
+        .create_user("contoso.com", "onprem@contoso.com", "On Premises");
+    w.sim.set_cloud_mailbox(&onprem, false);
+    assert_eq!(
+        w.graph.probe_mailbox(&onprem.upn).await.unwrap(),
+        MailboxProbe::NoMailbox
+    );
+    // Any other mailbox call says so too, and is not worth retrying.
+    let err = w
+        .graph
+        .for_mailbox(jobs::graph::Mailbox::User(onprem.upn.clone()))
+        .list_mail_folders()
+        .await
+        .unwrap_err();
+    assert!(err.is_mailbox_not_enabled(), "{err:?}");
+    assert_eq!(err.class(), ErrorClass::Permanent);
+    w.sim.shutdown().await;
+}

@@ -66,7 +66,9 @@ impl OAuthApi {
     async fn connect(
         &self,
         auth: BearerAuth,
-        /// Pre-fills the Microsoft sign-in with this address.
+        /// Pre-fills the Microsoft sign-in with this address, and connects only this mailbox:
+        /// a sign-in as anyone else is refused at the callback. Without it, whoever signs in
+        /// is connected.
         login_hint: Query<Option<String>>,
         #[oai(default)] redirect: Query<bool>,
     ) -> ApiResult<ConnectResponse> {
@@ -75,18 +77,17 @@ impl OAuthApi {
                 "connecting mailboxes needs the admin role",
             ));
         }
-        if let Some(hint) = &login_hint.0
-            && jobs::ids::EmailAddress::parse(hint).is_err()
-        {
-            return Err(ApiError::unprocessable(
-                "login_hint must be an email address",
-            ));
-        }
+        let login_hint = login_hint
+            .0
+            .as_deref()
+            .map(jobs::ids::EmailAddress::parse)
+            .transpose()
+            .map_err(|_| ApiError::unprocessable("login_hint must be an email address"))?;
         let url = start_connect(
             &self.state.services,
             auth.0.tenant,
             &auth.0.subject,
-            login_hint.0.as_deref(),
+            login_hint.as_ref(),
         )
         .await
         .map_err(|e| ApiError::internal(&e))?;
@@ -101,7 +102,9 @@ impl OAuthApi {
 
     /// Microsoft redirects the browser here after sign-in (public: the state authenticates
     /// it). Verifies the state, redeems the code, stores the account and its tokens, and
-    /// queues a connection test and the first sync.
+    /// queues a connection test and the first sync. A sign-in started for a specific mailbox
+    /// (a reconnect, or `login_hint`) is refused when another mailbox signed in: nothing is
+    /// stored, and the page names both addresses.
     #[oai(path = "/oauth/callback", method = "get")]
     async fn callback(
         &self,
@@ -140,6 +143,19 @@ impl OAuthApi {
                     | ConnectError::Vault(_) => {
                         tracing::error!(error = ?e, "connect failed");
                         "graphdesk could not store the connection; nothing was saved. Try again, and contact support with the request id if it keeps failing.".to_string()
+                    }
+                    ConnectError::WrongMailbox {
+                        expected,
+                        signed_in,
+                    } => {
+                        tracing::warn!(%expected, %signed_in, "connect refused: another mailbox signed in");
+                        format!(
+                            "This sign-in link was for {expected}, but {signed_in} signed in. \
+                             Nothing was connected and no tokens were kept, and this link cannot be used again. \
+                             To connect {expected}, start the connection again and sign in to Microsoft as {expected} \
+                             (sign out of {signed_in} first, or use a private browser window). \
+                             To connect {signed_in} instead, start a new connection without an address."
+                        )
                     }
                     other => {
                         tracing::warn!(error = %other, "connect refused");

@@ -2,6 +2,12 @@
 //! single-use, expiring server-side token bound to tenant and user; the callback verifies it
 //! before redeeming the code, and writes the account, its tokens and its first jobs in one
 //! transaction, so a failure anywhere leaves nothing half-created.
+//!
+//! A flow started for a specific mailbox (a reconnect, or a connect with a `login_hint`) records
+//! that address in its state, and the callback connects only that mailbox: Microsoft's
+//! `login_hint` merely pre-fills the sign-in, so whoever finishes it may be someone else. A
+//! connect without a hint connects whoever signs in (an admin connects a mailbox by signing in
+//! as it).
 
 use std::sync::Arc;
 
@@ -35,6 +41,13 @@ pub enum ConnectError {
     Graph(#[source] crate::graph::GraphError),
     #[error("the signed-in account has no usable email address")]
     NoAddress,
+    /// The flow was started for `expected`, but `signed_in` finished the sign-in. Nothing was
+    /// stored; the state is spent.
+    #[error("this sign-in link was for {expected}, but {signed_in} signed in")]
+    WrongMailbox {
+        expected: EmailAddress,
+        signed_in: EmailAddress,
+    },
     #[error("the stored sign-in secret could not be decrypted")]
     Vault(#[from] crate::vault::VaultError),
     #[error("storing the connection failed")]
@@ -50,12 +63,14 @@ fn state_hash(state: &str) -> String {
 }
 
 /// Starts a connection: stores a fresh state with its PKCE verifier (encrypted) and returns
-/// the URL to send the user's browser to.
+/// the URL to send the user's browser to. With a `login_hint` the sign-in is pre-filled with
+/// that address and the callback connects only that mailbox ([`ConnectError::WrongMailbox`]
+/// for anyone else); without one, whoever signs in is connected.
 pub async fn start_connect(
     services: &Services,
     tenant: TenantId,
     user_subject: &str,
-    login_hint: Option<&str>,
+    login_hint: Option<&EmailAddress>,
 ) -> Result<Url, ConnectError> {
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
@@ -68,25 +83,31 @@ pub async fn start_connect(
     );
     let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
     sqlx::query(
-        "INSERT INTO oauth_states (state_hash, tenant_id, user_subject, code_verifier_enc, expires_at)
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO oauth_states
+            (state_hash, tenant_id, user_subject, code_verifier_enc, expires_at, expected_mailbox)
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(&hash)
     .bind(tenant.as_uuid())
     .bind(user_subject)
     .bind(verifier_enc)
     .bind(Utc::now() + STATE_LIFETIME)
+    .bind(login_hint.map(EmailAddress::as_str))
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(services
-        .identity
-        .authorize_url(&services.authority, &state, pkce.challenge(), login_hint))
+    Ok(services.identity.authorize_url(
+        &services.authority,
+        &state,
+        pkce.challenge(),
+        login_hint.map(EmailAddress::as_str),
+    ))
 }
 
 /// Starts re-consenting an existing mailbox: [`start_connect`] for the account's own tenant
 /// (never the caller's: ops act across tenants, and the callback stores the tokens in the
-/// state's tenant), with the sign-in pre-filled with the mailbox's address. `within` is the
+/// state's tenant), for the mailbox's address: the sign-in is pre-filled with it and the
+/// callback refuses anyone else, so a reconnect never connects another mailbox. `within` is the
 /// only tenant the caller may act in (`None`: any). `None` when the account does not exist
 /// there, so another tenant's account is indistinguishable from a missing one.
 pub async fn start_reconnect(
@@ -121,6 +142,8 @@ pub async fn start_reconnect(
     let Some((tenant, email)) = found else {
         return Ok(None);
     };
+    // Stored through `EmailAddress`, so it parses; if it ever did not, the row is corrupt.
+    let email = EmailAddress::parse(&email).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
     let url = start_connect(
         services,
         TenantId::from_uuid(tenant),
@@ -139,31 +162,56 @@ pub struct Connected {
     pub created: bool,
 }
 
-/// Consumes `state` (single use, even when a later step fails) and returns its tenant.
-async fn consume_state(
-    services: &Services,
-    state: &str,
-) -> Result<(TenantId, String, SecretString), ConnectError> {
+/// A consumed state: what the flow was started for.
+struct StartedFlow {
+    tenant: TenantId,
+    subject: String,
+    verifier: SecretString,
+    /// The only mailbox this flow may connect (`None`: whoever signs in).
+    expected: Option<EmailAddress>,
+}
+
+/// Consumes `state` (single use, even when a later step fails) and returns what it was for.
+async fn consume_state(services: &Services, state: &str) -> Result<StartedFlow, ConnectError> {
     let hash = state_hash(state);
-    let row: Option<(uuid::Uuid, String, Vec<u8>, chrono::DateTime<Utc>)> = sqlx::query_as(
+    type Row = (
+        uuid::Uuid,
+        String,
+        Vec<u8>,
+        chrono::DateTime<Utc>,
+        Option<String>,
+    );
+    let row: Option<Row> = sqlx::query_as(
         "UPDATE oauth_states SET consumed_at = now()
          WHERE state_hash = $1 AND consumed_at IS NULL
-         RETURNING tenant_id, user_subject, code_verifier_enc, expires_at",
+         RETURNING tenant_id, user_subject, code_verifier_enc, expires_at, expected_mailbox",
     )
     .bind(&hash)
     // The state names the tenant; until it is read, this is a cross-tenant look-up.
     .fetch_optional(&services.system_pool)
     .await?;
-    let (tenant, subject, verifier_enc, expires_at) = row.ok_or(ConnectError::UnknownState)?;
+    let (tenant, subject, verifier_enc, expires_at, expected) =
+        row.ok_or(ConnectError::UnknownState)?;
     if expires_at < Utc::now() {
         return Err(ConnectError::ExpiredState);
     }
+    // Written through `EmailAddress` by `start_connect`; a value that no longer parses is a
+    // corrupt row, never a reason to connect whoever signs in.
+    let expected = expected
+        .map(|e| EmailAddress::parse(&e))
+        .transpose()
+        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
     let tenant = TenantId::from_uuid(tenant);
     let verifier = services.vault.decrypt(
         &AssociatedData::for_owner(tenant, format!("oauth_state:{hash}"), Column::CodeVerifier),
         &verifier_enc,
     )?;
-    Ok((tenant, subject, verifier))
+    Ok(StartedFlow {
+        tenant,
+        subject,
+        verifier,
+        expected,
+    })
 }
 
 /// The callback with `?error=…`: the state is still consumed so the link cannot be replayed.
@@ -200,7 +248,12 @@ pub async fn complete_connect(
     state: &str,
     code: SecretString,
 ) -> Result<Connected, ConnectError> {
-    let (tenant, subject, verifier) = consume_state(services, state).await?;
+    let StartedFlow {
+        tenant,
+        subject,
+        verifier,
+        expected,
+    } = consume_state(services, state).await?;
     let tokens = services
         .identity
         .exchange_code(&services.authority, &code, &verifier)
@@ -218,6 +271,18 @@ pub async fn complete_connect(
         .or(me.user_principal_name.as_deref())
         .and_then(|a| EmailAddress::parse(a).ok())
         .ok_or(ConnectError::NoAddress)?;
+    // A flow for a specific mailbox connects only that mailbox: the person who signed in may
+    // not be the one the link was for. The address compared is the one the account would be
+    // stored under, so a reconnect can only ever write its own account's row. Refused before
+    // anything is written: the tokens are dropped, the state is already spent.
+    if let Some(expected) = expected
+        && expected.key() != address.key()
+    {
+        return Err(ConnectError::WrongMailbox {
+            expected,
+            signed_in: address,
+        });
+    }
 
     let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
     let sync_days: i64 = crate::config::env_parse("SYNC_INITIAL_DAYS", 30i64).unwrap_or(30);
