@@ -535,12 +535,11 @@ async fn a_send_refused_with_a_generic_400_while_the_draft_stays_a_draft_fails()
 #[tokio::test]
 async fn a_reply_to_mail_deleted_since_the_last_sync_goes_out_as_a_new_message() {
     let w = world().await;
-    let inbound: String = sqlx::query_scalar(
-        "SELECT microsoft_message_id FROM helpdesk_message_sightings LIMIT 1",
-    )
-    .fetch_one(&w.app.db.pool)
-    .await
-    .unwrap();
+    let inbound: String =
+        sqlx::query_scalar("SELECT microsoft_message_id FROM helpdesk_message_sightings LIMIT 1")
+            .fetch_one(&w.app.db.pool)
+            .await
+            .unwrap();
     w.sim.delete_message(SUPPORT, &inbound).unwrap();
     let send = w.new_send("deleted-mail").await;
     jobs::sending::send_reply(&w.services, w.tenant, send)
