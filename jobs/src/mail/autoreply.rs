@@ -37,7 +37,8 @@ pub enum AutoReplyReason {
     AutoResponseSuppress(String),
     /// `Precedence: bulk | junk | list | auto_reply`.
     Precedence(String),
-    /// `List-Id` or `List-Unsubscribe` present (lower-cased header name).
+    /// A mailing-list header present (RFC 2919 `List-Id`, RFC 2369 `List-Unsubscribe`,
+    /// `List-Post`, `List-Help`, `List-Subscribe`, `List-Owner`, `List-Archive`; lower-cased).
     MailingList(&'static str),
     /// mailer-daemon, postmaster, noreply and friends (the matched local-part family).
     SystemSender(&'static str),
@@ -183,10 +184,18 @@ fn precedence(h: &MessageHeaders) -> Option<AutoReplyReason> {
 }
 
 fn mailing_list(h: &MessageHeaders) -> Option<AutoReplyReason> {
-    ["list-id", "list-unsubscribe"]
-        .into_iter()
-        .find(|name| h.contains(name))
-        .map(AutoReplyReason::MailingList)
+    [
+        "list-id",
+        "list-unsubscribe",
+        "list-post",
+        "list-help",
+        "list-subscribe",
+        "list-owner",
+        "list-archive",
+    ]
+    .into_iter()
+    .find(|name| h.contains(name))
+    .map(AutoReplyReason::MailingList)
 }
 
 fn system_sender(from: &EmailAddress) -> Option<AutoReplyReason> {
@@ -357,6 +366,15 @@ mod tests {
         assert_eq!(
             code(&[("List-Unsubscribe", "<mailto:u@x>")], ALICE, "x").as_deref(),
             Some("list:list-unsubscribe")
+        );
+        // A list that sends no List-Id still names itself in the other RFC 2369 headers.
+        assert_eq!(
+            code(&[("List-Post", "<mailto:team@lists.x>")], ALICE, "x").as_deref(),
+            Some("list:list-post")
+        );
+        assert_eq!(
+            code(&[("List-Archive", "<https://lists.x/archive>")], ALICE, "x").as_deref(),
+            Some("list:list-archive")
         );
     }
 
