@@ -11,7 +11,8 @@ _gd_log() { echo "[pg-bootstrap] $*" >&2; }
 
 _gd_answers() { # url
   if command -v psql >/dev/null 2>&1; then
-    psql "$1" -Atqc 'SELECT 1' >/dev/null 2>&1
+    # -w: a server that wants a password must not stop an unattended run at a prompt.
+    PGCONNECT_TIMEOUT=5 psql -w "$1" -Atqc 'SELECT 1' >/dev/null 2>&1
   else
     local hostport=${1#*@}; hostport=${hostport%%/*}
     (exec 3<>"/dev/tcp/${hostport%%:*}/${hostport##*:}") 2>/dev/null
@@ -24,9 +25,12 @@ _gd_bootstrap() {
     _gd_start_cluster
     return
   fi
-  if [ -n "${DATABASE_URL:-}" ] && _gd_answers "$DATABASE_URL"; then
-    _gd_log "using DATABASE_URL"
-    return 0
+  if [ -n "${DATABASE_URL:-}" ]; then
+    if _gd_answers "$DATABASE_URL"; then
+      _gd_log "using DATABASE_URL"
+      return 0
+    fi
+    _gd_log "DATABASE_URL does not answer (or wants a password); looking for another server"
   fi
   local local_url="postgres://postgres@127.0.0.1:5432/postgres"
   if _gd_answers "$local_url"; then
@@ -39,20 +43,26 @@ _gd_bootstrap() {
 
 _gd_start_cluster() {
   local initdb
-  initdb=$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1)
+  # `|| true`: sourced under `set -euo pipefail`, a failed ls (nothing installed yet) would
+  # end the calling script here, silently, before the install below.
+  initdb=$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1 || true)
   if [ -z "$initdb" ]; then
     _gd_log "PostgreSQL is not installed; installing it with apt-get"
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >&2
-    initdb=$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1)
+    initdb=$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1 || true)
     [ -n "$initdb" ] || { _gd_log "could not install PostgreSQL"; return 1; }
   fi
   local bindir port dir runas
   bindir=$(dirname "$initdb")
-  port=${GRAPHDESK_PG_PORT:-55432}
+  # A free port unless one is asked for: a demo's cluster (or one a killed run left behind)
+  # may hold any fixed one.
+  port=${GRAPHDESK_PG_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
   dir=$(mktemp -d /tmp/graphdesk-pg.XXXXXX)
+  # shellcheck disable=SC2064
+  trap "rm -rf '$dir'" EXIT
   runas=""
   if [ "$(id -u)" -eq 0 ]; then
     id postgres >/dev/null 2>&1 || useradd --system --home "$dir" postgres
@@ -65,8 +75,11 @@ _gd_start_cluster() {
     -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" start >/dev/null
   export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
   export GRAPHDESK_PG_DIR="$dir"
+  # Kept in a variable so that a script with its own EXIT trap can run it from there
+  # (a second `trap … EXIT` replaces this one).
+  _gd_cluster_stop="$runas '$bindir/pg_ctl' -D '$dir/data' -m fast stop >/dev/null 2>&1; rm -rf '$dir'"
   # shellcheck disable=SC2064
-  trap "$runas '$bindir/pg_ctl' -D '$dir/data' -m fast stop >/dev/null 2>&1; rm -rf '$dir'" EXIT
+  trap "$_gd_cluster_stop" EXIT
 }
 
 _gd_bootstrap

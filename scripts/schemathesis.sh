@@ -4,7 +4,11 @@
 # Called by scripts/test.sh after the debug binaries are built; needs PostgreSQL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -n "${DATABASE_URL:-}" ] || . scripts/pg-bootstrap.sh
+# Not `[ … ] || . …`: inside a `||` list errexit is off for the whole bootstrap.
+if [ -z "${DATABASE_URL:-}" ]; then
+  . scripts/pg-bootstrap.sh
+fi
+bin="${CARGO_TARGET_DIR:-target}/debug"
 
 venv=target/schemathesis-venv
 if [ ! -x "$venv/bin/schemathesis" ]; then
@@ -28,11 +32,11 @@ export TOKEN_ENCRYPTION_KEYS="st:$("$venv/bin/python" -c 'import base64,os;print
 export GRAPH_BASE_URL=http://127.0.0.1:9/v1.0 IDENTITY_BASE_URL=http://127.0.0.1:9
 export RUST_LOG=warn
 
-target/debug/worker migrate --create-database >/dev/null
-tenant=$(target/debug/worker create-tenant --name "Schemathesis")
-token=$(target/debug/api mint-token --tenant "$tenant" --role ops --subject schemathesis)
+"$bin/worker" migrate --create-database >/dev/null
+tenant=$("$bin/worker" create-tenant --name "Schemathesis")
+token=$("$bin/api" mint-token --tenant "$tenant" --role ops --subject schemathesis)
 port=$("$venv/bin/python" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
-BIND_ADDR="127.0.0.1:$port" target/debug/api serve >/dev/null &
+BIND_ADDR="127.0.0.1:$port" "$bin/api" serve >/dev/null &
 api_pid=$!
 cleanup() {
   kill "$api_pid" 2>/dev/null || true
@@ -40,12 +44,22 @@ cleanup() {
   if command -v psql >/dev/null 2>&1; then
     psql "$server/postgres" -qc "DROP DATABASE IF EXISTS ${DATABASE_URL##*/} WITH (FORCE)" >/dev/null 2>&1 || true
   fi
+  # This trap replaced the bootstrap's: stop its throwaway cluster too, if it started one.
+  if [ -n "${_gd_cluster_stop:-}" ]; then eval "$_gd_cluster_stop"; fi
 }
 trap cleanup EXIT
+# Python rather than curl: a fresh Debian has python3 (a prerequisite) but not curl.
+ready=0
 for _ in $(seq 1 100); do
-  curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+  kill -0 "$api_pid" 2>/dev/null || { echo "schemathesis: the api exited before answering" >&2; exit 1; }
+  if "$venv/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
+    "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; then
+    ready=1
+    break
+  fi
   sleep 0.1
 done
+[ "$ready" = 1 ] || { echo "schemathesis: the api did not answer on port $port" >&2; exit 1; }
 
 "$venv/bin/schemathesis" run api/openapi.yaml \
   --url "http://127.0.0.1:$port" \
