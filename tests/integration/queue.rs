@@ -232,6 +232,107 @@ async fn a_long_job_keeps_its_lease_through_heartbeats() {
     assert_eq!(j.attempts, 1, "{j:?}");
 }
 
+/// Runs `worker <args>` with `env` on top of the test endpoints' settings and expects it to
+/// fail start-up: returns its stderr.
+async fn worker_start_failure(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut cmd = tokio::process::Command::new(graphdesk_tests::workspace_bin("worker"));
+    cmd.args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_MAX_CONNECTIONS", "2")
+        .env("RUST_LOG", "warn")
+        .env_remove("WORKER_QUEUES")
+        .env_remove("WORKER_METRICS_ADDR")
+        .env_remove("SYNC_PAGE_SIZE")
+        .env_remove("SYNC_INITIAL_DAYS")
+        .kill_on_drop(true);
+    for (k, v) in graphdesk_tests::Endpoints::unreachable().env() {
+        cmd.env(k, v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the worker exits within 60 s instead of running")
+        .expect("spawn worker");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "the worker exited successfully: {stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(" running"),
+        "the worker started running"
+    );
+    stderr
+}
+
+/// `WORKER_QUEUES=sync,send_reply` used to run only send_reply: mailbox syncs waited for a
+/// worker nobody had started. Now the unknown name stops start-up, and the message lists
+/// what would have been valid.
+#[tokio::test]
+async fn a_worker_refuses_an_unknown_queue_name_and_lists_the_valid_ones() {
+    let db = TestDb::new().await;
+    let valid: Vec<&str> = jobs::kinds::QUEUES
+        .iter()
+        .map(|q| q.strip_prefix("graphdesk.").unwrap())
+        .collect();
+    let from_env =
+        worker_start_failure(&db, &["run"], &[("WORKER_QUEUES", "sync,send_reply")]).await;
+    let from_flag =
+        worker_start_failure(&db, &["run", "--queues", "graphdesk.probe,nope"], &[]).await;
+    // No subcommand is `run`, and WORKER_QUEUES counts there too.
+    let bare = worker_start_failure(&db, &[], &[("WORKER_QUEUES", "send_reply,sync")]).await;
+    for (stderr, unknown, known) in [
+        (&from_env, "`sync`", "`send_reply`"),
+        (&from_flag, "`nope`", "`graphdesk.probe`"),
+        (&bare, "`sync`", "`send_reply`"),
+    ] {
+        assert!(
+            stderr.contains(&format!("unknown queue(s) {unknown};")),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains(known),
+            "only the unknown name is reported: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("valid queues: {}", valid.join(", "))),
+            "{stderr}"
+        );
+    }
+    // Valid names, with and without the prefix, start a worker.
+    let _w = spawn_worker(
+        &db,
+        WorkerOptions {
+            extra_env: vec![("WORKER_QUEUES".into(), "graphdesk.probe, send_reply".into())],
+            ..WorkerOptions::default()
+        },
+    )
+    .await;
+}
+
+/// SYNC_PAGE_SIZE used to be read at each sync round, a bad value silently becoming 50; now a
+/// worker that would sync refuses to start, naming the variable and the value.
+#[tokio::test]
+async fn a_worker_with_a_bad_sync_page_size_fails_start_up_naming_it() {
+    let db = TestDb::new().await;
+    for bad in ["abc", "0"] {
+        let stderr = worker_start_failure(
+            &db,
+            &["run", "--queues", "sync_mailbox"],
+            &[("SYNC_PAGE_SIZE", bad)],
+        )
+        .await;
+        assert!(
+            stderr.contains(&format!(
+                "SYNC_PAGE_SIZE has an invalid value: `{bad}` is not a whole number from 1 to 1000"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn worker_names_are_unique_per_process_start() {
     let a = jobs::queue::runtime::unique_worker_id("w");
@@ -880,6 +981,7 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
         .bind(&none_at)
         .bind(&ids)
         .bind(&ones)
+        .bind("w")
         .fetch_all(&db.pool)
         .await
         .unwrap();
@@ -1028,6 +1130,7 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
         .bind(vec![Utc::now()])
         .bind(&ids[..2])
         .bind(vec![1_i32, 1])
+        .bind("w")
         .fetch_all(&mut flusher)
         .await
         .expect("the flush waited for the held row");
@@ -1146,6 +1249,187 @@ async fn a_completion_held_back_at_shutdown_still_lands() {
         "the completion landed before the worker exited"
     );
     assert_eq!(j.attempts, 1);
+}
+
+/// Jobs still running when the shutdown grace ends go back to pending without spending an
+/// attempt. One of them shares its coalesce key with a job queued while it ran; handing it
+/// back as pending would break the one-pending-per-key rule, and the unique index refused the
+/// whole hand-back: every leftover stayed `running` until its lease ended and the reaper
+/// spent an attempt on it. That one is superseded now, and the others go back at once.
+#[tokio::test]
+async fn jobs_handed_back_at_shutdown_go_back_even_when_one_is_superseded() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let mut worker = spawn_worker(
+        &db,
+        WorkerOptions {
+            shutdown_grace_secs: 1,
+            ..opts(|q| q.lease = Duration::from_secs(60))
+        },
+    )
+    .await;
+    let keyed = queue
+        .enqueue(
+            &Probe {
+                sleep_ms: 30_000,
+                coalesce: Some("k".into()),
+                ..Probe::default()
+            },
+            EnqueueOptions::default(),
+        )
+        .await
+        .unwrap()
+        .id;
+    let plain = queue
+        .enqueue(
+            &Probe {
+                sleep_ms: 30_000,
+                ..Probe::default()
+            },
+            EnqueueOptions::default(),
+        )
+        .await
+        .unwrap()
+        .id;
+    wait_status(&queue, keyed, "running", Duration::from_secs(10)).await;
+    wait_status(&queue, plain, "running", Duration::from_secs(10)).await;
+    // The same work asked for again while the first runs: it waits, pending.
+    let covering = queue
+        .enqueue(
+            &Probe {
+                coalesce: Some("k".into()),
+                ..Probe::default()
+            },
+            EnqueueOptions::default().run_at(Utc::now() + chrono::Duration::minutes(5)),
+        )
+        .await
+        .unwrap()
+        .id;
+    assert_ne!(covering, keyed);
+    worker.signal(Signal::SIGTERM);
+    let exit = worker.wait_exit(Duration::from_secs(20)).await;
+    assert!(exit.success(), "{exit:?}");
+    let p = job(&queue, plain).await;
+    assert_eq!((p.status.as_str(), p.attempts), ("pending", 0), "{p:?}");
+    let k = job(&queue, keyed).await;
+    assert_eq!(k.status, "cancelled", "{k:?}");
+    assert_eq!(job(&queue, covering).await.status, "pending");
+}
+
+/// A claim still on its way to the database when shutdown begins (here: waiting for the
+/// tenant-limit claim lock) is part of the drain. The drain used to see nothing executing,
+/// stop the completion flusher, and let the claim's jobs run with nowhere to report: they
+/// stayed `running` until their leases ended and then ran again.
+#[tokio::test]
+async fn a_claim_in_flight_at_shutdown_still_has_its_jobs_completed() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    // The limited claim takes this advisory lock first; holding it parks every claim.
+    let mut lock_holder = db.pool.acquire().await.unwrap().detach();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(0x6772_6170_6864_6b01_i64)
+        .execute(&mut lock_holder)
+        .await
+        .unwrap();
+    let id = queue
+        .enqueue(
+            &Probe {
+                record: true,
+                ..Probe::default()
+            },
+            EnqueueOptions::default(),
+        )
+        .await
+        .unwrap()
+        .id;
+    let mut worker = spawn_worker(
+        &db,
+        WorkerOptions {
+            shutdown_grace_secs: 10,
+            ..opts(|q| q.tenant_concurrency = Some(4))
+        },
+    )
+    .await;
+    // Every fetcher claims at start and waits for the lock: once the number waiting has
+    // stopped growing for a second, the probe queue's claim is among them.
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
+             WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (mut seen, mut since) = (0, std::time::Instant::now());
+    loop {
+        let now_waiting = waiting().await;
+        if now_waiting != seen {
+            (seen, since) = (now_waiting, std::time::Instant::now());
+        } else if seen > 0 && since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "claims did not settle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(0x6772_6170_6864_6b01_i64)
+        .execute(&mut lock_holder)
+        .await
+        .unwrap();
+    let exit = worker.wait_exit(Duration::from_secs(20)).await;
+    assert!(exit.success(), "{exit:?}");
+    let j = job(&queue, id).await;
+    let ran: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_probe_runs WHERE job_id = $1")
+        .bind(id.get())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (j.status.as_str(), j.attempts, ran),
+        ("done", 1, 1),
+        "{j:?}"
+    );
+}
+
+/// A completion counts only for the worker that holds the job: the attempt number alone
+/// can repeat (a hand-back refunds it), and a stale run's result must not land on another
+/// worker's run of the same attempt.
+#[tokio::test]
+async fn a_completion_from_a_worker_that_no_longer_holds_the_job_is_not_applied() {
+    use jobs::queue::runtime::COMPLETE_JOBS;
+    let db = TestDb::new().await;
+    // Held by worker `w`, attempt 1.
+    let ids = running_jobs(&db, 2).await;
+    let outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_JOBS)
+        .bind(vec![ids[1]])
+        .bind(vec![1_i32])
+        .bind(vec!["dead"])
+        .bind(vec![0_i32])
+        .bind(vec![None::<DateTime<Utc>>])
+        .bind(vec![Some("boom")])
+        .bind(vec!["dead"])
+        .bind(vec![Utc::now()])
+        .bind(&ids[..1])
+        .bind(vec![1_i32])
+        .bind("another-worker")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, vec![], "neither applied nor reported as held");
+    let statuses: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
+            .bind(&ids)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(statuses, vec!["running", "running"]);
 }
 
 /// Claims must stay index lookups once the queue has fresh statistics, as autovacuum takes

@@ -138,6 +138,9 @@ struct Inner {
     inflight: Mutex<HashMap<i64, Inflight>>,
     /// Handlers running now (the `executing` entries of `inflight`).
     executing: AtomicUsize,
+    /// Claims on their way to the database: their jobs are not `executing` yet, and a drain
+    /// that did not wait for them stopped the flusher under jobs about to run.
+    claiming: AtomicUsize,
     execution_drained: Notify,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Stops fetching; in-flight jobs go on.
@@ -199,6 +202,7 @@ impl WorkerRuntime {
             completions: tx,
             inflight: Mutex::new(HashMap::new()),
             executing: AtomicUsize::new(0),
+            claiming: AtomicUsize::new(0),
             execution_drained: Notify::new(),
             wakers: Mutex::new(HashMap::new()),
             stop_fetching: CancellationToken::new(),
@@ -277,6 +281,10 @@ impl WorkerRuntime {
         self.inner.executing.load(Ordering::SeqCst)
     }
 
+    fn drained(&self) -> bool {
+        self.inner.claiming.load(Ordering::SeqCst) == 0 && self.executing() == 0
+    }
+
     /// Graceful stop: no new claims; in-flight jobs get `grace` to finish; whatever is still
     /// running then goes back to pending (without spending its attempt) so another worker
     /// picks it up at once instead of waiting for the lease to expire.
@@ -286,7 +294,7 @@ impl WorkerRuntime {
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             let drained = self.inner.execution_drained.notified();
-            if self.executing() == 0 {
+            if self.drained() {
                 break;
             }
             if tokio::time::timeout_at(deadline, drained).await.is_err() {
@@ -403,7 +411,11 @@ pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
 // leaves the primary key as the only way in. They are public so a test can check their plans.
 
 /// Completes a batch: `$1..$8` the eventful completions (id, attempt, status, refund, run_at,
-/// error, kind, at), `$9, $10` the plain successes (id, attempt). Returns `(id, applied)`:
+/// error, kind, at), `$9, $10` the plain successes (id, attempt), `$11` this worker. A job
+/// counts as this run's only while it is still locked by this worker at that attempt: the
+/// attempt alone can repeat (a hand-back refunds it; a claim lost with an unflushed commit
+/// never counted it), and a stale run's result must not land on another worker's newer run.
+/// Returns `(id, applied)`:
 /// `true` for each completion applied, `false` for a job still running whose row another
 /// statement holds, to be flushed again; a completion in neither lost its compare-and-set.
 ///
@@ -416,6 +428,7 @@ pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
 pub const COMPLETE_JOBS: &str = "WITH held AS (
             SELECT j.id FROM queue_jobs j
             WHERE j.id = ANY ($9::bigint[] || $1::bigint[]) AND coalesce(j.status, '') = 'running'
+              AND j.locked_by = $11
             FOR UPDATE SKIP LOCKED
          ), plain AS (
             UPDATE queue_jobs j SET status = 'done', finished_at = now(),
@@ -466,7 +479,7 @@ pub const COMPLETE_JOBS: &str = "WITH held AS (
          SELECT q.id, false FROM queue_jobs q
          WHERE q.id = ANY (ARRAY(SELECT u.id FROM unnest($9::bigint[] || $1::bigint[]) AS u(id)
                                  EXCEPT SELECT h.id FROM held h))
-           AND coalesce(q.status, '') = 'running'";
+           AND coalesce(q.status, '') = 'running' AND q.locked_by = $11";
 
 /// Renews the leases of `$1` (ids) held by worker `$3` for `$2` seconds. A row another
 /// statement has locked is skipped, not waited for: that is a flush completing the job (or the
@@ -481,12 +494,37 @@ pub const RENEW_LEASES: &str =
                    AND q.locked_by = $3
                  FOR UPDATE SKIP LOCKED))";
 
-/// Hands `$1` (ids) at `$2` (attempts) held by worker `$3` back to pending, refunding the attempt.
-pub const RELEASE_JOBS: &str =
-    "UPDATE queue_jobs j SET status = 'pending', attempts = j.attempts - 1, run_at = now(),
+/// Hands `$1` (ids) at `$2` (attempts) held by worker `$3` back to pending, refunding the
+/// attempt. Like the reaper and the completion flush it keeps one pending job per coalesce key:
+/// a job whose key already has a pending job (one that covers the same work, queued while this
+/// one ran) is superseded instead. Without that the unique index refused the whole statement,
+/// and every job handed back at shutdown waited out its lease and spent an attempt.
+pub const RELEASE_JOBS: &str = "WITH mine AS (
+            SELECT j.id, j.queue, j.coalesce_key, r.attempt
+            FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
+            JOIN queue_jobs j ON j.id = r.id
+            WHERE j.attempts = r.attempt AND coalesce(j.status, '') = 'running'
+              AND j.locked_by = $3
+         ), decided AS (
+            SELECT m.id, m.attempt,
+                   CASE WHEN m.coalesce_key IS NOT NULL AND (
+                             row_number() OVER (PARTITION BY m.queue, m.coalesce_key
+                                                ORDER BY m.id DESC) > 1
+                             OR EXISTS (SELECT 1 FROM queue_jobs p
+                                        WHERE p.queue = m.queue AND p.coalesce_key = m.coalesce_key
+                                          AND p.status = 'pending'))
+                        THEN 'cancelled' ELSE 'pending' END AS next
+            FROM mine m
+         )
+         UPDATE queue_jobs j SET status = d.next, attempts = j.attempts - 1,
+                run_at = CASE WHEN d.next = 'pending' THEN now() ELSE j.run_at END,
+                last_error = CASE WHEN d.next = 'cancelled'
+                                  THEN 'superseded by a pending job with the same coalesce key'
+                                  ELSE j.last_error END,
+                finished_at = CASE WHEN d.next = 'cancelled' THEN now() END,
                 locked_by = NULL, lease_expires_at = NULL, updated_at = now()
-         FROM unnest($1::bigint[], $2::int[]) AS r(id, attempt)
-         WHERE j.id = r.id AND j.attempts = r.attempt AND coalesce(j.status, '') = 'running'
+         FROM decided d
+         WHERE j.id = d.id AND j.attempts = d.attempt AND coalesce(j.status, '') = 'running'
            AND j.locked_by = $3";
 
 async fn release_jobs(inner: &Inner, jobs: &[(i64, i32)]) -> Result<u64, QueueError> {
@@ -589,10 +627,20 @@ async fn fetch_loop<J: JobKind>(
     let mut failures = 0u32;
     loop {
         let first = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            // Stopping wins over a free permit: unbiased, a draining fetcher went on claiming
+            // half the time.
+            biased;
             () = inner.stop_fetching.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         first.forget();
+        let claiming = ClaimInFlight::start(&inner);
+        if inner.stop_fetching.is_cancelled() {
+            // The drain began between the permit and the count: it may not have seen this
+            // claim, so it is not made.
+            permits.add_permits(1);
+            break;
+        }
         let mut n = 1;
         while n < batch {
             match permits.try_acquire() {
@@ -644,6 +692,7 @@ async fn fetch_loop<J: JobKind>(
             }
             inner.executing.fetch_add(claimed.len(), Ordering::SeqCst);
         }
+        drop(claiming);
         for row in claimed {
             let id = row.id;
             match serde_json::from_str::<J>(row.payload.get()) {
@@ -677,8 +726,8 @@ async fn fetch_loop<J: JobKind>(
                         error: Some(format!("payload could not be decoded as {}: {e}", J::QUEUE)),
                         at: Utc::now(),
                     };
-                    finish_execution(&inner, id);
                     submit(&inner, completion);
+                    finish_execution(&inner, id);
                     permits.add_permits(1);
                 }
             }
@@ -707,6 +756,25 @@ struct ClaimInfo {
 
 /// The handler returned: its slot is free for another job, while the job stays in flight
 /// (its lease renewed) until the flusher has made its outcome durable.
+/// Counts a claim as in flight until it is dropped (after its jobs count as executing, or
+/// when the claim failed).
+struct ClaimInFlight<'a>(&'a Inner);
+
+impl<'a> ClaimInFlight<'a> {
+    fn start(inner: &'a Inner) -> Self {
+        inner.claiming.fetch_add(1, Ordering::SeqCst);
+        Self(inner)
+    }
+}
+
+impl Drop for ClaimInFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.claiming.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.execution_drained.notify_waiters();
+        }
+    }
+}
+
 fn finish_execution(inner: &Inner, id: i64) {
     let mut inflight = inner.inflight.lock().expect("poisoned");
     if let Some(job) = inflight.get_mut(&id)
@@ -821,7 +889,7 @@ async fn flush_with_retry(inner: &Inner, mut batch: Vec<Completion>, slot: Owned
 async fn flush_once(inner: &Inner, batch: Vec<Completion>) -> Vec<Completion> {
     let mut failures = 0u32;
     let outcome = loop {
-        match flush(&inner.pool, &batch).await {
+        match flush(&inner.pool, &inner.worker_id, &batch).await {
             Ok(outcome) => break Some(outcome),
             Err(e) => {
                 failures += 1;
@@ -872,7 +940,11 @@ async fn flush_once(inner: &Inner, batch: Vec<Completion>) -> Vec<Completion> {
     again
 }
 
-async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<(i64, bool)>, QueueError> {
+async fn flush(
+    pool: &PgPool,
+    worker_id: &str,
+    batch: &[Completion],
+) -> Result<Vec<(i64, bool)>, QueueError> {
     // Nearly every completion is a plain success, which needs nothing decided (no error
     // history, no coalesce check): those go through their own lean UPDATE, the rest through
     // the full one, both in one statement so the batch stays one commit.
@@ -911,6 +983,7 @@ async fn flush(pool: &PgPool, batch: &[Completion]) -> Result<Vec<(i64, bool)>, 
         .bind(&ats)
         .bind(&plain_ids)
         .bind(&plain_attempts)
+        .bind(worker_id)
         .fetch_all(pool)
         .await
         .ctx("complete")
@@ -1158,8 +1231,10 @@ impl<J: JobKind, H: JobHandler<J>> tower::Service<Task<J>> for JobService<J, H> 
                     Outcome::Retry => warn!(error = completion.error.as_deref(), run_at = ?completion.run_at, "job failed; will retry"),
                     Outcome::Dead => error!(error = completion.error.as_deref(), "job failed permanently"),
                 }
-                finish_execution(&inner, id);
+                // Queued for the flusher before the drain can see this job finished: the
+                // other order let shutdown stop the flusher first, dropping the completion.
                 submit(&inner, completion);
+                finish_execution(&inner, id);
                 permits.add_permits(1);
                 Ok(())
             }
