@@ -286,7 +286,7 @@ pub struct MaintenanceReport {
     pub failed: usize,
     /// Rows of subscriptions that expired in Graph, dropped so they get recreated.
     pub expired_dropped: u64,
-    /// Accounts that failed recently and were left for later.
+    /// Accounts still backing off after recent failures, left out of this pass.
     pub backing_off: usize,
 }
 
@@ -304,9 +304,13 @@ pub struct SubscriptionWork {
 /// Drops rows of subscriptions Graph has already expired, then lists active mailboxes whose
 /// inbox has no subscription, lost it, or needs a renewal (expiring within [`RENEW_WITHIN`] or
 /// reauthorization requested), soonest first.
+///
+/// `backing_off` accounts are left out before the limit applies: mailboxes that keep failing
+/// sort first (no subscription, no expiry) and would otherwise take every slot of every pass.
 pub async fn due_subscription_work(
     pool: &PgPool,
     limit: i64,
+    backing_off: &[Uuid],
 ) -> Result<(u64, Vec<SubscriptionWork>), sqlx::Error> {
     let dropped = sqlx::query("DELETE FROM graph_subscriptions WHERE expires_at < now()")
         .execute(pool)
@@ -322,12 +326,14 @@ pub async fn due_subscription_work(
                 OR s.removed_at IS NOT NULL
                 OR s.reauthorize_requested_at IS NOT NULL
                 OR s.expires_at < now() + make_interval(secs => $2))
+           AND a.id <> ALL($4)
          ORDER BY s.expires_at NULLS FIRST, a.id
          LIMIT $3",
     )
     .bind(WellKnownFolder::Inbox.as_str())
     .bind(RENEW_WITHIN.num_seconds() as f64)
     .bind(limit)
+    .bind(backing_off)
     .fetch_all(pool)
     .await?;
     Ok((dropped, work))
@@ -350,8 +356,9 @@ pub enum SubscriptionError {
 }
 
 /// Renews (PATCH) or (re)creates one account's inbox subscription. Converges when re-run: a
-/// renewal of a subscription Graph no longer knows becomes a creation, and a creation that
-/// loses a race with another creator deletes its own subscription again.
+/// renewal of a subscription Graph no longer knows, or one that posts to addresses other than
+/// `settings`' (the public base URL moved), becomes a creation, and a creation that loses a
+/// race with another creator deletes its own subscription again.
 pub async fn reconcile_subscription(
     services: &Services,
     settings: &WebhookSettings,
@@ -366,6 +373,15 @@ pub async fn reconcile_subscription(
                 .renew_subscription(id, Utc::now() + SUBSCRIPTION_LIFETIME)
                 .await
             {
+                Ok(sub) if points_elsewhere(&sub, settings) => {
+                    // A renewal only moves the expiry (graph-contract §7): after the public
+                    // base URL moved, renewing would keep it posting to the old host forever.
+                    // A new one is validated at the new address and gets a catch-up sync.
+                    info!(%account, subscription = %id, "subscription posts to an old address; replacing it");
+                    if let Err(e) = graph.delete_subscription(id).await {
+                        warn!(%account, subscription = %id, error = %e, "could not delete the outdated subscription; it expires on its own");
+                    }
+                }
                 Ok(sub) => {
                     sqlx::query(
                         "UPDATE graph_subscriptions SET expires_at = $2, renewed_at = now(),
@@ -392,6 +408,16 @@ pub async fn reconcile_subscription(
     }
     create_subscription(services, settings, &graph, tenant, account).await?;
     Ok(WorkOutcome::Created)
+}
+
+/// Whether Graph reports notification addresses other than this deployment's current ones.
+/// An address Graph leaves out counts as unchanged.
+fn points_elsewhere(sub: &crate::graph::Subscription, settings: &WebhookSettings) -> bool {
+    let differs = |reported: &Option<String>, current: String| {
+        reported.as_deref().is_some_and(|url| url != current)
+    };
+    differs(&sub.notification_url, settings.notification_url())
+        || differs(&sub.lifecycle_notification_url, settings.lifecycle_url())
 }
 
 async fn create_subscription(

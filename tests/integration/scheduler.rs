@@ -711,6 +711,32 @@ async fn a_hundred_notifications_for_one_mailbox_make_at_most_two_syncs() {
     assert!((1..=2).contains(&created), "{created} sync jobs");
 }
 
+/// Connects `upn` (already a graph-sim user) to `tenant` through the real OAuth flow.
+async fn connect_mailbox(app: &TestApp, tenant: TenantId, upn: &str) {
+    let admin = app.token(tenant, TestRole::Admin);
+    let start: serde_json::Value = app
+        .client
+        .get(app.url(&format!("/api/v1/oauth/connect?login_hint={upn}")))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let resp = app
+        .client
+        .get(start["authorize_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let callback = resp.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(
+        app.client.get(&callback).send().await.unwrap().status(),
+        200
+    );
+}
+
 /// A graph-sim whose change notifications reach the in-process api, with one mailbox
 /// connected through the real OAuth flow.
 struct World {
@@ -730,28 +756,7 @@ async fn world() -> World {
     let tenant = app.db.create_tenant("Contoso").await;
     let t = sim.create_tenant("contoso.example", "Contoso");
     sim.create_user(&t, "helpdesk@contoso.example", "Help Desk");
-    let admin = app.token(tenant, TestRole::Admin);
-    let start: serde_json::Value = app
-        .client
-        .get(app.url("/api/v1/oauth/connect?login_hint=helpdesk@contoso.example"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let resp = app
-        .client
-        .get(start["authorize_url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap();
-    let callback = resp.headers()["location"].to_str().unwrap().to_string();
-    assert_eq!(
-        app.client.get(&callback).send().await.unwrap().status(),
-        200
-    );
+    connect_mailbox(&app, tenant, "helpdesk@contoso.example").await;
     // Not due for a periodic sync for an hour: every sync these tests see was asked for by a
     // notification, a lifecycle event or a new subscription.
     let id: uuid::Uuid = sqlx::query_scalar(
@@ -1114,4 +1119,134 @@ async fn a_subscription_that_expired_in_graph_is_recreated_with_a_catch_up_sync(
         "the expired subscription's row is gone"
     );
     w.wait_for_pending_sync(Duration::from_secs(5)).await;
+}
+
+/// Mailboxes whose subscription cannot be created (no expiry, so they sort first) and are
+/// backing off must not fill the pass's batch: another mailbox's subscription is still made.
+#[tokio::test]
+async fn accounts_backing_off_leave_the_subscription_batch_to_the_others() {
+    let w = world().await;
+    let t = w.sim.create_tenant("fabrikam.example", "Fabrikam");
+    for upn in ["sales@fabrikam.example", "billing@fabrikam.example"] {
+        w.sim.create_user(&t, upn, upn);
+        connect_mailbox(&w.app, w.tenant, upn).await;
+    }
+    let accounts: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT id, email_address FROM helpdesk_email_accounts ORDER BY id")
+            .fetch_all(&w.app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(accounts.len(), 3);
+    // The pass takes mailboxes without a subscription in id order: the first two always fail.
+    for (_, upn) in &accounts[..2] {
+        w.sim.set_fault(
+            graph_sim::FaultRule::new(graph_sim::FaultKind::SubscriptionValidationTimeout)
+                .mailbox(upn.as_str()),
+        );
+    }
+    let settings = SchedulerSettings {
+        webhooks: Some(w.webhooks.clone()),
+        subscription_batch: 2,
+        // A backoff (four ticks) far longer than the test.
+        ..SchedulerSettings::with_tick(Duration::from_secs(30))
+    };
+    let scheduler = Scheduler::new(
+        w.app.db.pool.clone(),
+        Some(w.app.endpoints.services(&w.app.db.pool)),
+        settings,
+        "replica-a",
+    );
+    let first = scheduler.maintain_subscriptions().await.unwrap();
+    assert_eq!((first.created, first.failed), (0, 2), "{first:?}");
+
+    let second = scheduler.maintain_subscriptions().await.unwrap();
+    assert_eq!(
+        (second.created, second.failed, second.backing_off),
+        (1, 0, 2),
+        "{second:?}"
+    );
+    let subscribed: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT email_account_id FROM graph_subscriptions")
+            .fetch_all(&w.app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(subscribed, [accounts[2].0]);
+    let subs = w.sim.subscriptions();
+    assert_eq!(subs.len(), 1, "{subs:?}");
+    // Backing off means no Graph call for the failing two.
+    let creations = w
+        .sim
+        .request_log()
+        .iter()
+        .filter(|e| e.method == "POST" && e.path.ends_with("/subscriptions"))
+        .count();
+    assert_eq!(creations, 3);
+}
+
+/// After the public base URL changes, the renewal of a subscription that still points at the
+/// old host replaces it instead of extending it.
+#[tokio::test]
+async fn a_renewal_moves_a_subscription_to_a_new_public_base_url() {
+    let w = world().await;
+    let created = w
+        .scheduler("replica-a")
+        .maintain_subscriptions()
+        .await
+        .unwrap();
+    assert_eq!(created.created, 1, "{created:?}");
+    let old = w.wait_for_subscription(None).await;
+    assert_eq!(old.notification_url, w.webhooks.notification_url());
+
+    // The api now answers at another address, serving the same database.
+    let (acceptor, moved_base) = bind_api().await;
+    let state = api::AppState::new(
+        w.app.endpoints.services(&w.app.db.pool),
+        w.app.jwt.clone(),
+        api::Limits::default(),
+    );
+    let moved_api = tokio::spawn(async move {
+        let _ = poem::Server::new_with_acceptor(acceptor)
+            .run(api::build_app(state))
+            .await;
+    });
+    let moved = WebhookSettings::new(&moved_base).unwrap();
+    assert_ne!(moved.notification_url(), w.webhooks.notification_url());
+
+    sqlx::query("UPDATE graph_subscriptions SET expires_at = now() + interval '1 hour'")
+        .execute(&w.app.db.pool)
+        .await
+        .unwrap();
+    w.finish_all_jobs().await;
+    let settings = SchedulerSettings {
+        webhooks: Some(moved.clone()),
+        ..SchedulerSettings::with_tick(Duration::from_millis(200))
+    };
+    let report = Scheduler::new(
+        w.app.db.pool.clone(),
+        Some(w.app.endpoints.services(&w.app.db.pool)),
+        settings,
+        "replica-b",
+    )
+    .maintain_subscriptions()
+    .await
+    .unwrap();
+    assert_eq!((report.created, report.failed), (1, 0), "{report:?}");
+
+    let subs = w.sim.subscriptions();
+    assert_eq!(subs.len(), 1, "the old subscription is gone: {subs:?}");
+    let new = &subs[0];
+    assert_ne!(new.id, old.id);
+    assert_eq!(new.notification_url, moved.notification_url());
+    assert_eq!(
+        new.lifecycle_notification_url.as_deref(),
+        Some(moved.lifecycle_url().as_str())
+    );
+    let rows: Vec<String> = sqlx::query_scalar("SELECT subscription_id FROM graph_subscriptions")
+        .fetch_all(&w.app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, [new.id.as_str()]);
+    // Nothing was announced while the subscription was replaced: a delta sync catches up.
+    w.wait_for_pending_sync(Duration::from_secs(5)).await;
+    moved_api.abort();
 }

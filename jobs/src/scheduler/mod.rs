@@ -29,9 +29,7 @@ use crate::config::{ConfigError, env_parse};
 use crate::ids::AccountId;
 use crate::queue::{Queue, QueueError};
 use crate::services::Services;
-use crate::webhooks::{
-    self, MaintenanceReport, SCHEDULER_CHANNEL, SubscriptionWork, WebhookSettings, WorkOutcome,
-};
+use crate::webhooks::{self, MaintenanceReport, SCHEDULER_CHANNEL, WebhookSettings, WorkOutcome};
 
 /// The lease row every replica competes for (created by the migration).
 pub const LEASE_NAME: &str = "scheduler";
@@ -282,18 +280,22 @@ impl Scheduler {
         let (Some(settings), Some(services)) = (&inner.settings.webhooks, &inner.services) else {
             return Ok(MaintenanceReport::default());
         };
-        let (expired_dropped, work) =
-            webhooks::due_subscription_work(&inner.pool, inner.settings.subscription_batch).await?;
         let now = Utc::now();
-        let (ready, waiting): (Vec<SubscriptionWork>, Vec<SubscriptionWork>) = {
+        let waiting: Vec<uuid::Uuid> = {
             let state = inner.subscriptions.lock().expect("poisoned");
-            work.into_iter().partition(|w| {
-                state
-                    .backoff
-                    .get(&AccountId::from_uuid(w.email_account_id))
-                    .is_none_or(|(_, until)| *until <= now)
-            })
+            state
+                .backoff
+                .iter()
+                .filter(|(_, (_, until))| *until > now)
+                .map(|(account, _)| account.as_uuid())
+                .collect()
         };
+        let (expired_dropped, ready) = webhooks::due_subscription_work(
+            &inner.pool,
+            inner.settings.subscription_batch,
+            &waiting,
+        )
+        .await?;
         let mut report = MaintenanceReport {
             expired_dropped,
             backing_off: waiting.len(),
