@@ -8,7 +8,9 @@ use graphdesk_tests::{TestDb, WorkerOptions, spawn_worker, wait_for_count};
 use jobs::config::QueueSettings;
 use jobs::ids::{AccountId, JobId, TenantId};
 use jobs::kinds::{Probe, SyncMailbox};
-use jobs::queue::{AuditEntry, EnqueueOptions, JobFilter, JobStatus, Queue, enqueue_in};
+use jobs::queue::{
+    AuditEntry, EnqueueOptions, JobFilter, JobStatus, Queue, RetryOutcome, enqueue_in,
+};
 use nix::sys::signal::Signal;
 
 fn opts(f: impl FnOnce(&mut QueueSettings)) -> WorkerOptions {
@@ -770,17 +772,19 @@ async fn ops_can_list_retry_cancel_and_purge() {
         entity_id: "test",
         details: serde_json::json!({}),
     };
-    assert!(
+    assert_eq!(
         queue
             .retry_job(dead[0], &audit("job.retried"))
             .await
-            .unwrap()
+            .unwrap(),
+        RetryOutcome::Retried
     );
-    assert!(
-        !queue
+    assert_eq!(
+        queue
             .retry_job(dead[0], &audit("job.retried"))
             .await
             .unwrap(),
+        RetryOutcome::NotRetryable,
         "a pending job is not retried twice"
     );
     let j = job(&queue, dead[0]).await;
@@ -1430,6 +1434,69 @@ async fn a_completion_from_a_worker_that_no_longer_holds_the_job_is_not_applied(
             .await
             .unwrap();
     assert_eq!(statuses, vec!["running", "running"]);
+}
+
+/// At most one job is pending per coalesce key, and the unique index enforces it. An ops
+/// retry of a job whose work a pending job already covers is refused with that reason, and a
+/// bulk retry of several superseded jobs of one key puts only the newest back; it used to fail
+/// whole on the unique index.
+#[tokio::test]
+async fn ops_retries_keep_one_pending_job_per_coalesce_key() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let keyed = |key: &str| Probe {
+        coalesce: Some(key.into()),
+        ..Probe::default()
+    };
+    let mut cancelled = Vec::new();
+    for key in ["a", "a", "b"] {
+        let id = queue
+            .enqueue(&keyed(key), EnqueueOptions::default())
+            .await
+            .unwrap()
+            .id;
+        sqlx::query(
+            "UPDATE queue_jobs SET status = 'cancelled', finished_at = now() WHERE id = $1",
+        )
+        .bind(id.get())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        cancelled.push(id);
+    }
+    let covering = queue
+        .enqueue(&keyed("b"), EnqueueOptions::default())
+        .await
+        .unwrap()
+        .id;
+    let audit = |action| AuditEntry {
+        tenant: None,
+        actor: "queue-test",
+        action,
+        entity_type: "job",
+        entity_id: "test",
+        details: serde_json::json!({}),
+    };
+    assert_eq!(
+        queue
+            .retry_job(cancelled[2], &audit("job.retried"))
+            .await
+            .unwrap(),
+        RetryOutcome::Covered(covering)
+    );
+    let retried = queue
+        .retry_matching(&JobFilter::default(), |_| audit("job.bulk_retried"))
+        .await
+        .unwrap();
+    assert_eq!(retried, 1, "only the newest of key a");
+    let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM queue_jobs ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        statuses,
+        vec!["cancelled", "pending", "cancelled", "pending"]
+    );
 }
 
 /// Claims must stay index lookups once the queue has fresh statistics, as autovacuum takes

@@ -7,7 +7,7 @@ use jobs::accounts::connect::{ConnectError, start_reconnect};
 use jobs::ids::{AccountId, JobId, TenantId};
 use jobs::queue::{
     AccountHealth, Actor, AuditEntry, ConcurrencyLimit, JobFilter, JobRecord, OldestPending,
-    QueueCount, QueueError, TenantConcurrency, ThroughputBucket,
+    QueueCount, QueueError, RetryOutcome, TenantConcurrency, ThroughputBucket,
 };
 use serde_json::{Value, json};
 
@@ -93,11 +93,20 @@ pub async fn retry_job(state: &AppState, p: &Principal, id: i64) -> Result<JobRe
         &entity_id,
         json!({ "queue": job.queue, "previous_status": job.status, "previous_attempts": job.attempts }),
     );
-    if !state.queue.retry_job(JobId::new(id), &entry).await? {
-        return Err(OpsError::Conflict(format!(
-            "job {id} is {}: only dead or cancelled jobs can be retried",
-            job.status
-        )));
+    match state.queue.retry_job(JobId::new(id), &entry).await? {
+        RetryOutcome::Retried => {}
+        RetryOutcome::NotRetryable => {
+            return Err(OpsError::Conflict(format!(
+                "job {id} is {}: only dead or cancelled jobs can be retried",
+                job.status
+            )));
+        }
+        RetryOutcome::Covered(pending) => {
+            return Err(OpsError::Conflict(format!(
+                "job {id} was not retried: pending job {pending} with the same coalesce key \
+                 already covers this work"
+            )));
+        }
     }
     counted("job.retried");
     get_job(state, p, id).await

@@ -22,7 +22,7 @@ pub use dashboard_queries::{
     AccountHealth, AccountTotals, AuditEntry, OldestPending, QueueCount, ThroughputBucket,
 };
 pub use error::{JobError, QueueError};
-pub use ops::{JobFilter, JobRecord, JobStats, JobStatus};
+pub use ops::{JobFilter, JobRecord, JobStats, JobStatus, RetryOutcome};
 pub use retry::RetryPolicy;
 pub use tenant_limits::{
     Actor, ConcurrencyLimit, InvalidConcurrencyLimit, TENANT_LIST_MAX, TenantConcurrency,

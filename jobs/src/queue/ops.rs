@@ -67,6 +67,16 @@ pub struct JobRecord {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// What an ops retry of one job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    Retried,
+    /// The job is not dead or cancelled.
+    NotRetryable,
+    /// A pending job with the same coalesce key already covers this work.
+    Covered(JobId),
+}
+
 /// A filter over jobs; empty fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
@@ -136,27 +146,48 @@ impl Queue {
 
     /// Puts a dead or cancelled job back to pending with a fresh attempt budget; its error
     /// history is kept. The change, its audit row and the workers' wake-up commit together:
-    /// when the audit row cannot be written the job stays as it was. Returns false (and
-    /// audits nothing) when the job is not in a retryable state.
-    pub async fn retry_job(&self, id: JobId, audit: &AuditEntry<'_>) -> Result<bool, QueueError> {
+    /// when the audit row cannot be written the job stays as it was. Nothing changes (and
+    /// nothing is audited) when the job is not dead or cancelled, or when a pending job with
+    /// its coalesce key already covers the same work: at most one is pending per key, and the
+    /// unique index would refuse a second.
+    pub async fn retry_job(
+        &self,
+        id: JobId,
+        audit: &AuditEntry<'_>,
+    ) -> Result<RetryOutcome, QueueError> {
         let mut tx = self.pool().begin().await.ctx("begin retry_job")?;
-        let queue: Option<String> = sqlx::query_scalar(
-            "UPDATE queue_jobs SET status = 'pending', run_at = now(), attempts = 0,
-                    finished_at = NULL, updated_at = now()
-             WHERE id = $1 AND status IN ('dead', 'cancelled')
-             RETURNING queue",
+        let (found, covered_by, queue): (bool, Option<i64>, Option<String>) = sqlx::query_as(
+            "WITH target AS (
+                SELECT id, queue, coalesce_key FROM queue_jobs
+                WHERE id = $1 AND status IN ('dead', 'cancelled') FOR UPDATE
+             ), cover AS (
+                SELECT p.id FROM queue_jobs p JOIN target t
+                  ON p.queue = t.queue AND p.coalesce_key = t.coalesce_key
+                WHERE p.status = 'pending' LIMIT 1
+             ), moved AS (
+                UPDATE queue_jobs j SET status = 'pending', run_at = now(), attempts = 0,
+                       finished_at = NULL, updated_at = now()
+                FROM target t
+                WHERE j.id = t.id AND NOT EXISTS (SELECT 1 FROM cover)
+                RETURNING j.queue
+             )
+             SELECT EXISTS (SELECT 1 FROM target), (SELECT id FROM cover),
+                    (SELECT queue FROM moved)",
         )
         .bind(id.get())
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .ctx("retry_job")?;
         let Some(queue) = queue else {
-            return Ok(false);
+            return Ok(match covered_by {
+                Some(pending) if found => RetryOutcome::Covered(JobId::new(pending)),
+                _ => RetryOutcome::NotRetryable,
+            });
         };
         insert_audit(&mut tx, audit).await.ctx("audit retry_job")?;
         notify_queues(&mut tx, &[queue]).await?;
         tx.commit().await.ctx("commit retry_job")?;
-        Ok(true)
+        Ok(RetryOutcome::Retried)
     }
 
     /// Retries every dead or cancelled job that matches `filter` (the status in the filter is
@@ -168,12 +199,26 @@ impl Queue {
         audit: impl FnOnce(u64) -> AuditEntry<'a>,
     ) -> Result<u64, QueueError> {
         // The count and the queues to wake come back in one row rather than one row per job.
+        // Of several matching jobs with one coalesce key only the newest goes back, and none
+        // whose key already has a pending job: one pending per key, which the unique index
+        // enforces (a bulk retry of superseded jobs used to fail whole on it).
         let sql = format!(
-            "WITH moved AS (
-                UPDATE queue_jobs SET status = 'pending', run_at = now(), attempts = 0,
-                       finished_at = NULL, updated_at = now()
+            "WITH candidates AS (
+                SELECT id, queue, coalesce_key,
+                       row_number() OVER (PARTITION BY queue, coalesce_key ORDER BY id DESC) AS newest
+                FROM queue_jobs
                 WHERE status IN ('dead', 'cancelled') AND {}
-                RETURNING queue)
+             ), moved AS (
+                UPDATE queue_jobs j SET status = 'pending', run_at = now(), attempts = 0,
+                       finished_at = NULL, updated_at = now()
+                FROM candidates c
+                WHERE j.id = c.id
+                  AND (c.coalesce_key IS NULL
+                       OR (c.newest = 1 AND NOT EXISTS (
+                               SELECT 1 FROM queue_jobs p
+                               WHERE p.queue = c.queue AND p.coalesce_key = c.coalesce_key
+                                 AND p.status = 'pending')))
+                RETURNING j.queue)
              SELECT count(*), coalesce(array_agg(DISTINCT queue), '{{}}') FROM moved",
             FILTER_SQL.replace(
                 "($2::text IS NULL OR status = $2)",
