@@ -73,6 +73,7 @@ impl Endpoints {
             scopes: TEST_SCOPES.into(),
             mailbox_concurrency: 4,
             mailbox_budget_per_10_min: 10_000,
+            sync: jobs::config::SyncSettings::default(),
         }
     }
 

@@ -137,6 +137,7 @@ pub fn offline_state() -> anyhow::Result<AppState> {
         scopes: jobs::graph::DEFAULT_SCOPES.into(),
         mailbox_concurrency: 4,
         mailbox_budget_per_10_min: 10_000,
+        sync: jobs::config::SyncSettings::default(),
     };
     Ok(AppState::new(
         Services::new(pool, &settings)?,

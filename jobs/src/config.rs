@@ -61,6 +61,82 @@ impl Default for QueueSettings {
     }
 }
 
+/// Mailbox sync tuning, parsed once at start-up by every process that builds `Services`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncSettings {
+    /// `SYNC_INITIAL_DAYS`: a newly connected mailbox's first sync ingests mail this recent
+    /// (used by the api's OAuth callback, which stores the account's `sync_since`).
+    pub initial_days: u32,
+    /// `SYNC_PAGE_SIZE`: messages per delta page (`Prefer: odata.maxpagesize`; used by the
+    /// workers' syncs).
+    pub page_size: u32,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self {
+            initial_days: 30,
+            page_size: 50,
+        }
+    }
+}
+
+impl SyncSettings {
+    /// 0 = only mail that arrives after the mailbox is connected; at most ten years.
+    pub const INITIAL_DAYS: std::ops::RangeInclusive<u32> = 0..=3650;
+    /// Graph accepts page sizes of 1 to 1000.
+    pub const PAGE_SIZE: std::ops::RangeInclusive<u32> = 1..=1000;
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::parse(
+            env_opt("SYNC_INITIAL_DAYS").as_deref(),
+            env_opt("SYNC_PAGE_SIZE").as_deref(),
+        )
+    }
+
+    /// The raw values as read from the environment (`None` = unset, so the default).
+    pub fn parse(initial_days: Option<&str>, page_size: Option<&str>) -> Result<Self, ConfigError> {
+        let defaults = Self::default();
+        Ok(Self {
+            initial_days: in_range(
+                "SYNC_INITIAL_DAYS",
+                initial_days,
+                defaults.initial_days,
+                Self::INITIAL_DAYS,
+            )?,
+            page_size: in_range(
+                "SYNC_PAGE_SIZE",
+                page_size,
+                defaults.page_size,
+                Self::PAGE_SIZE,
+            )?,
+        })
+    }
+}
+
+/// A whole number within `range`; the error names the variable, the value and the range.
+fn in_range(
+    name: &'static str,
+    raw: Option<&str>,
+    default: u32,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32, ConfigError> {
+    let Some(raw) = raw.map(str::trim).filter(|r| !r.is_empty()) else {
+        return Ok(default);
+    };
+    match raw.parse::<u32>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(ConfigError::Invalid {
+            name,
+            reason: format!(
+                "`{raw}` is not a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        }),
+    }
+}
+
 pub const DEFAULT_GRAPH_BASE_URL: &str = "https://graph.microsoft.com/v1.0";
 pub const DEFAULT_IDENTITY_BASE_URL: &str = "https://login.microsoftonline.com";
 
@@ -154,4 +230,51 @@ impl Settings {
 /// The address the api binds to.
 pub fn bind_addr() -> Result<SocketAddr, ConfigError> {
     env_parse("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_settings_default_when_unset_and_accept_the_range_ends() {
+        assert_eq!(
+            SyncSettings::parse(None, None).unwrap(),
+            SyncSettings::default()
+        );
+        assert_eq!(
+            SyncSettings::parse(Some("0"), Some(" 1000 ")).unwrap(),
+            SyncSettings {
+                initial_days: 0,
+                page_size: 1000
+            }
+        );
+        assert_eq!(
+            SyncSettings::parse(Some("3650"), Some("1")).unwrap(),
+            SyncSettings {
+                initial_days: 3650,
+                page_size: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_sync_setting_fails_naming_the_variable_and_the_value() {
+        for bad in ["abc", "0", "1001", "-5", "50.5"] {
+            let err = SyncSettings::parse(None, Some(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("SYNC_PAGE_SIZE "), "{err}");
+            assert!(err.contains(&format!("`{bad}`")), "{err}");
+            assert!(err.contains("1 to 1000"), "{err}");
+        }
+        for bad in ["thirty", "-1", "3651"] {
+            let err = SyncSettings::parse(Some(bad), None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("SYNC_INITIAL_DAYS "), "{err}");
+            assert!(err.contains(&format!("`{bad}`")), "{err}");
+            assert!(err.contains("0 to 3650"), "{err}");
+        }
+    }
 }

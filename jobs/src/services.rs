@@ -6,7 +6,7 @@ use std::sync::Arc;
 use secrecy::SecretString;
 use sqlx::PgPool;
 
-use crate::config::{ConfigError, env_opt, env_parse};
+use crate::config::{ConfigError, SyncSettings, env_opt, env_parse};
 use crate::graph::{GraphConfig, IdentityClient, IdentityConfig, TenantSegment, build_http_client};
 use crate::queue::Queue;
 use crate::vault::TokenVault;
@@ -27,6 +27,8 @@ pub struct IntegrationSettings {
     /// Per-mailbox Graph limits, held across every process.
     pub mailbox_concurrency: u32,
     pub mailbox_budget_per_10_min: u32,
+    /// `SYNC_INITIAL_DAYS` and `SYNC_PAGE_SIZE`.
+    pub sync: SyncSettings,
 }
 
 impl IntegrationSettings {
@@ -54,6 +56,7 @@ impl IntegrationSettings {
             scopes: env_opt("OAUTH_SCOPES").unwrap_or_else(|| crate::graph::DEFAULT_SCOPES.into()),
             mailbox_concurrency: env_parse("GRAPH_MAILBOX_CONCURRENCY", 4u32)?,
             mailbox_budget_per_10_min: env_parse("GRAPH_MAILBOX_BUDGET_PER_10_MIN", 10_000u32)?,
+            sync: SyncSettings::from_env()?,
         })
     }
 }
@@ -74,6 +77,7 @@ pub struct Services {
     pub authority: TenantSegment,
     pub mailbox_concurrency: u32,
     pub mailbox_budget_per_10_min: u32,
+    pub sync: SyncSettings,
     /// Work that holds one of `pool`'s connections (a session lock) while it takes others
     /// goes through this: at most half the pool at once, so the other half can always serve
     /// the holders' statements. With every connection held by a sync waiting for a second
@@ -131,6 +135,7 @@ impl Services {
             authority: settings.authority.clone(),
             mailbox_concurrency: settings.mailbox_concurrency,
             mailbox_budget_per_10_min: settings.mailbox_budget_per_10_min,
+            sync: settings.sync,
             connection_holders: Arc::new(tokio::sync::Semaphore::new(
                 (pool_max_connections / 2).max(1) as usize,
             )),

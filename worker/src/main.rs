@@ -8,7 +8,7 @@ use apalis_core::monitor::Monitor;
 use apalis_core::worker::builder::WorkerBuilder;
 use clap::{Parser, Subcommand};
 use jobs::config::{Settings, load_dotenv};
-use jobs::kinds::{Probe, RefreshToken, SendReply, SyncMailbox, ValidateAccount};
+use jobs::kinds::{Probe, QUEUES, RefreshToken, SendReply, SyncMailbox, ValidateAccount};
 use jobs::queue::JobKind;
 use jobs::queue::runtime::{JobContext, WorkerRuntime, unique_worker_id};
 use jobs::scheduler::{Scheduler, SchedulerSettings};
@@ -27,7 +27,9 @@ struct Cli {
 enum Command {
     /// Run the workers (the default).
     Run {
-        /// Only these queues (comma-separated); default: all.
+        /// Only these queues (comma-separated): sync_mailbox, send_reply, refresh_token,
+        /// validate_account, probe (the `graphdesk.` prefix is optional); default: all. An
+        /// unknown name fails start-up.
         #[arg(long, env = "WORKER_QUEUES", value_delimiter = ',')]
         queues: Vec<String>,
     },
@@ -54,11 +56,22 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     load_dotenv();
     let cli = Cli::parse();
+    // No subcommand is `run`, WORKER_QUEUES included (clap reads it only for `run`).
+    let command = cli.command.unwrap_or_else(|| Command::Run {
+        queues: jobs::config::env_opt("WORKER_QUEUES")
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default(),
+    });
+    // A bad queue selection fails before anything connects.
+    let queues = match &command {
+        Command::Run { queues } => select_queues(queues)?,
+        _ => Vec::new(),
+    };
     let settings = Settings::from_env()?;
     jobs::telemetry::init(settings.json_logs);
-    if let Some(Command::Migrate {
+    if let Command::Migrate {
         create_database: true,
-    }) = &cli.command
+    } = &command
     {
         jobs::db::create_database_if_missing(&settings.database_url).await?;
     }
@@ -69,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("connecting to the database")?;
-    match cli.command.unwrap_or(Command::Run { queues: vec![] }) {
+    match command {
         Command::Migrate { .. } => {
             jobs::db::migrate(&pool).await?;
             println!("migrations applied");
@@ -111,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{id}");
             Ok(())
         }
-        Command::Run { queues } => {
+        Command::Run { .. } => {
             serve_metrics()?;
             let pools = role_pools(&settings).await?;
             run(settings, pools, queues).await
@@ -182,14 +195,47 @@ async fn scheduler(settings: Settings, pools: Pools) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wanted(queues: &[String], queue: &str) -> bool {
-    queues.is_empty()
-        || queues
+/// The queues `--queues`/`WORKER_QUEUES` selects, by their full names; empty = every queue.
+/// Names are those of `jobs::kinds::QUEUES`, with or without the `graphdesk.` prefix. An
+/// unknown name is an error, not ignored: `sync,send_reply` would otherwise run only
+/// `send_reply` and leave mailbox syncs waiting on a worker nobody started.
+fn select_queues(requested: &[String]) -> anyhow::Result<Vec<&'static str>> {
+    let mut selected = Vec::new();
+    let mut unknown = Vec::new();
+    for name in requested.iter().map(|q| q.trim()).filter(|q| !q.is_empty()) {
+        match QUEUES
             .iter()
-            .any(|q| q == queue || queue.strip_prefix("graphdesk.") == Some(q.as_str()))
+            .find(|q| **q == name || q.strip_prefix("graphdesk.") == Some(name))
+        {
+            Some(q) if !selected.contains(q) => selected.push(*q),
+            Some(_) => {}
+            None => unknown.push(format!("`{name}`")),
+        }
+    }
+    if !unknown.is_empty() {
+        let valid: Vec<&str> = QUEUES
+            .iter()
+            .map(|q| q.strip_prefix("graphdesk.").unwrap_or(q))
+            .collect();
+        anyhow::bail!(
+            "WORKER_QUEUES/--queues names unknown queue(s) {}; valid queues: {} \
+             (each may carry the `graphdesk.` prefix; leave it unset to run every queue)",
+            unknown.join(", "),
+            valid.join(", ")
+        );
+    }
+    anyhow::ensure!(
+        requested.is_empty() || !selected.is_empty(),
+        "WORKER_QUEUES/--queues names no queue; leave it unset to run every queue"
+    );
+    Ok(selected)
 }
 
-async fn run(settings: Settings, pools: Pools, queues: Vec<String>) -> anyhow::Result<()> {
+fn wanted(queues: &[&str], queue: &str) -> bool {
+    queues.is_empty() || queues.contains(&queue)
+}
+
+async fn run(settings: Settings, pools: Pools, queues: Vec<&'static str>) -> anyhow::Result<()> {
     // The queue is cross-tenant infrastructure.
     let pool = pools.system.clone();
     let worker_id = unique_worker_id("worker");
@@ -214,7 +260,7 @@ async fn run(settings: Settings, pools: Pools, queues: Vec<String>) -> anyhow::R
         let integration =
             IntegrationSettings::from_env(&settings.graph_base_url, &settings.identity_base_url)
                 .context(
-                    "the Microsoft integration is not configured (see README: OAUTH_*, TOKEN_ENCRYPTION_KEYS)",
+                    "the Microsoft integration is not configured or invalid (see README: OAUTH_*, TOKEN_ENCRYPTION_KEYS, SYNC_*)",
                 )?;
         let services =
             Services::new(pools.app.clone(), &integration)?.with_system_pool(pools.system.clone());

@@ -285,7 +285,7 @@ pub async fn complete_connect(
     }
 
     let mut tx = crate::db::tenant_tx(&services.pool, tenant).await?;
-    let sync_days: i64 = crate::config::env_parse("SYNC_INITIAL_DAYS", 30i64).unwrap_or(30);
+    let sync_days = i64::from(services.sync.initial_days);
     let (account, created): (uuid::Uuid, bool) = sqlx::query_as(
         "INSERT INTO helpdesk_email_accounts
             (id, tenant_id, email_address, display_name, ms_user_id, status, sync_since)

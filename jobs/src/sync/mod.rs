@@ -334,7 +334,7 @@ async fn delta_round(
     let folder = folder_ref(&ctx.folder);
     let options = DeltaOptions {
         select: sync_select(),
-        max_page_size: Some(crate::config::env_parse("SYNC_PAGE_SIZE", 50u32).unwrap_or(50)),
+        max_page_size: Some(services.sync.page_size),
         received_since: if delta_link.is_none() && next_link.is_none() {
             sync_since
         } else {
