@@ -1499,6 +1499,66 @@ async fn ops_retries_keep_one_pending_job_per_coalesce_key() {
     );
 }
 
+/// A worker can claim a job again while its own earlier run of it is still going (the lease
+/// lapsed while the database was out of reach, the job went back to pending, and the same
+/// worker took it). Its bookkeeping was keyed by job id alone: the earlier run's end cleared
+/// the newer run's entry, the newer run's end then counted nothing, and the worker believed
+/// one handler was still running for ever, so its next shutdown waited out the whole grace.
+#[tokio::test]
+async fn a_job_claimed_again_by_the_worker_still_running_it_keeps_its_books_straight() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let mut worker = spawn_worker(
+        &db,
+        WorkerOptions {
+            shutdown_grace_secs: 15,
+            ..opts(|q| q.lease = Duration::from_secs(30))
+        },
+    )
+    .await;
+    let id = queue
+        .enqueue(
+            &Probe {
+                sleep_ms: 2_000,
+                record: true,
+                ..Probe::default()
+            },
+            EnqueueOptions::default(),
+        )
+        .await
+        .unwrap()
+        .id;
+    wait_status(&queue, id, "running", Duration::from_secs(10)).await;
+    // What the reaper does after a lapsed lease; the same worker claims it again.
+    sqlx::query(
+        "UPDATE queue_jobs SET status = 'pending', locked_by = NULL, lease_expires_at = NULL,
+                run_at = now()
+         WHERE id = $1",
+    )
+    .bind(id.get())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM queue_probe_runs",
+        2,
+        Duration::from_secs(15),
+    )
+    .await;
+    let j = wait_status(&queue, id, "done", Duration::from_secs(15)).await;
+    assert_eq!(j.attempts, 2);
+    let started = std::time::Instant::now();
+    worker.signal(Signal::SIGTERM);
+    let exit = worker.wait_exit(Duration::from_secs(30)).await;
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "nothing was running, yet shutdown took {:?}",
+        started.elapsed()
+    );
+}
+
 /// Claims must stay index lookups once the queue has fresh statistics, as autovacuum takes
 /// them on any real server. On an analyzed queue of 20,000 pending jobs over 100 tenants, 75
 /// of them at their limit, the limited claim joined its picked ids by a nested loop over a

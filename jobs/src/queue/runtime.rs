@@ -312,8 +312,7 @@ impl WorkerRuntime {
             .map(|(id, job)| (*id, job.attempt))
             .collect();
         if !leftovers.is_empty() {
-            let ids: Vec<i64> = leftovers.iter().map(|j| j.0).collect();
-            forget(&self.inner, &ids);
+            forget(&self.inner, &leftovers);
             match release_jobs(&self.inner, &leftovers).await {
                 Ok(n) => warn!(
                     released = n,
@@ -710,7 +709,7 @@ async fn fetch_loop<J: JobKind>(
                     if tx.send(task).await.is_err() {
                         // The apalis worker is gone; hand the rest back.
                         let _ = release_jobs(&inner, &[(id, row.attempts)]).await;
-                        forget(&inner, &[id]);
+                        forget(&inner, &[(id, row.attempts)]);
                         permits.add_permits(1);
                     }
                 }
@@ -727,7 +726,7 @@ async fn fetch_loop<J: JobKind>(
                         at: Utc::now(),
                     };
                     submit(&inner, completion);
-                    finish_execution(&inner, id);
+                    finish_execution(&inner, id, row.attempts);
                     permits.add_permits(1);
                 }
             }
@@ -775,24 +774,31 @@ impl Drop for ClaimInFlight<'_> {
     }
 }
 
-fn finish_execution(inner: &Inner, id: i64) {
+/// The run of job `id` at `attempt` has returned. In-flight entries are keyed by job id, and
+/// this process may have claimed the job again meanwhile (its lease lapsed while the database
+/// was out of reach, and the job came back to it): then the entry is the newer run's, which
+/// stays executing, while this run's own count still comes off.
+fn finish_execution(inner: &Inner, id: i64, attempt: i32) {
     let mut inflight = inner.inflight.lock().expect("poisoned");
-    if let Some(job) = inflight.get_mut(&id)
-        && job.executing
-    {
-        job.executing = false;
-        if inner.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
-            inner.execution_drained.notify_waiters();
-        }
+    let counted = match inflight.get_mut(&id) {
+        Some(job) if job.attempt == attempt => std::mem::replace(&mut job.executing, false),
+        Some(_) => true,
+        // Forgotten (handed back at shutdown): its count came off then.
+        None => false,
+    };
+    if counted && inner.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
+        inner.execution_drained.notify_waiters();
     }
 }
 
-/// This process no longer answers for these jobs.
-fn forget(inner: &Inner, ids: &[i64]) {
+/// This process no longer answers for these runs (job id, attempt). A newer run of the same
+/// job that this process claimed since keeps its entry, so its lease is still renewed.
+fn forget(inner: &Inner, runs: &[(i64, i32)]) {
     let mut inflight = inner.inflight.lock().expect("poisoned");
     let mut stopped = 0;
-    for id in ids {
-        if let Some(job) = inflight.remove(id)
+    for (id, attempt) in runs {
+        if inflight.get(id).is_some_and(|job| job.attempt == *attempt)
+            && let Some(job) = inflight.remove(id)
             && job.executing
         {
             stopped += 1;
@@ -873,9 +879,9 @@ async fn flush_with_retry(inner: &Inner, mut batch: Vec<Completion>, slot: Owned
         if inner.stop_background.is_cancelled() {
             let since = *held_since_shutdown.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() >= HELD_AT_SHUTDOWN {
-                let ids: Vec<i64> = again.iter().map(|c| c.id).collect();
-                warn!(jobs = ?ids, "rows still held at shutdown; their leases will hand these jobs on");
-                forget(inner, &ids);
+                let runs: Vec<(i64, i32)> = again.iter().map(|c| (c.id, c.attempt)).collect();
+                warn!(jobs = ?runs, "rows still held at shutdown; their leases will hand these jobs on");
+                forget(inner, &runs);
                 return;
             }
         }
@@ -904,8 +910,8 @@ async fn flush_once(inner: &Inner, batch: Vec<Completion>) -> Vec<Completion> {
         }
     };
     let Some(outcome) = outcome else {
-        let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
-        forget(inner, &ids);
+        let runs: Vec<(i64, i32)> = batch.iter().map(|c| (c.id, c.attempt)).collect();
+        forget(inner, &runs);
         return Vec::new();
     };
     let mut applied = std::collections::HashSet::new();
@@ -935,7 +941,7 @@ async fn flush_once(inner: &Inner, batch: Vec<Completion>) -> Vec<Completion> {
             "completions not applied: those jobs were recovered by another worker meanwhile"
         );
     }
-    let settled: Vec<i64> = settled.iter().map(|c| c.id).collect();
+    let settled: Vec<(i64, i32)> = settled.iter().map(|c| (c.id, c.attempt)).collect();
     forget(inner, &settled);
     again
 }
@@ -1233,8 +1239,9 @@ impl<J: JobKind, H: JobHandler<J>> tower::Service<Task<J>> for JobService<J, H> 
                 }
                 // Queued for the flusher before the drain can see this job finished: the
                 // other order let shutdown stop the flusher first, dropping the completion.
+                let attempt = completion.attempt;
                 submit(&inner, completion);
-                finish_execution(&inner, id);
+                finish_execution(&inner, id, attempt);
                 permits.add_permits(1);
                 Ok(())
             }
