@@ -1255,6 +1255,35 @@ async fn a_completion_held_back_at_shutdown_still_lands() {
     assert_eq!(j.attempts, 1);
 }
 
+/// A worker whose shutdown grace is `grace_secs`, its queue settings changed by `f`.
+async fn worker_with(
+    db: &TestDb,
+    grace_secs: u64,
+    f: impl FnOnce(&mut QueueSettings),
+) -> graphdesk_tests::WorkerProcess {
+    spawn_worker(
+        db,
+        WorkerOptions {
+            shutdown_grace_secs: grace_secs,
+            ..opts(f)
+        },
+    )
+    .await
+}
+
+async fn enqueue_probe(queue: &Queue, probe: Probe, options: EnqueueOptions) -> JobId {
+    queue.enqueue(&probe, options).await.unwrap().id
+}
+
+/// SIGTERM, then a clean exit; returns how long the worker took to stop.
+async fn stop_gracefully(worker: &mut graphdesk_tests::WorkerProcess) -> Duration {
+    let started = std::time::Instant::now();
+    worker.signal(Signal::SIGTERM);
+    let exit = worker.wait_exit(Duration::from_secs(30)).await;
+    assert!(exit.success(), "{exit:?}");
+    started.elapsed()
+}
+
 /// Jobs still running when the shutdown grace ends go back to pending without spending an
 /// attempt. One of them shares its coalesce key with a job queued while it ran; handing it
 /// back as pending would break the one-pending-per-key rule, and the unique index refused the
@@ -1264,55 +1293,40 @@ async fn a_completion_held_back_at_shutdown_still_lands() {
 async fn jobs_handed_back_at_shutdown_go_back_even_when_one_is_superseded() {
     let db = TestDb::new().await;
     let queue = Queue::new(db.pool.clone());
-    let mut worker = spawn_worker(
-        &db,
-        WorkerOptions {
-            shutdown_grace_secs: 1,
-            ..opts(|q| q.lease = Duration::from_secs(60))
+    let mut worker = worker_with(&db, 1, |q| q.lease = Duration::from_secs(60)).await;
+    let keyed = enqueue_probe(
+        &queue,
+        Probe {
+            sleep_ms: 30_000,
+            coalesce: Some("k".into()),
+            ..Probe::default()
         },
+        EnqueueOptions::default(),
     )
     .await;
-    let keyed = queue
-        .enqueue(
-            &Probe {
-                sleep_ms: 30_000,
-                coalesce: Some("k".into()),
-                ..Probe::default()
-            },
-            EnqueueOptions::default(),
-        )
-        .await
-        .unwrap()
-        .id;
-    let plain = queue
-        .enqueue(
-            &Probe {
-                sleep_ms: 30_000,
-                ..Probe::default()
-            },
-            EnqueueOptions::default(),
-        )
-        .await
-        .unwrap()
-        .id;
+    let plain = enqueue_probe(
+        &queue,
+        Probe {
+            sleep_ms: 30_000,
+            ..Probe::default()
+        },
+        EnqueueOptions::default(),
+    )
+    .await;
     wait_status(&queue, keyed, "running", Duration::from_secs(10)).await;
     wait_status(&queue, plain, "running", Duration::from_secs(10)).await;
     // The same work asked for again while the first runs: it waits, pending.
-    let covering = queue
-        .enqueue(
-            &Probe {
-                coalesce: Some("k".into()),
-                ..Probe::default()
-            },
-            EnqueueOptions::default().run_at(Utc::now() + chrono::Duration::minutes(5)),
-        )
-        .await
-        .unwrap()
-        .id;
+    let covering = enqueue_probe(
+        &queue,
+        Probe {
+            coalesce: Some("k".into()),
+            ..Probe::default()
+        },
+        EnqueueOptions::default().run_at(Utc::now() + chrono::Duration::minutes(5)),
+    )
+    .await;
     assert_ne!(covering, keyed);
-    worker.signal(Signal::SIGTERM);
-    let exit = worker.wait_exit(Duration::from_secs(20)).await;
-    assert!(exit.success(), "{exit:?}");
+    stop_gracefully(&mut worker).await;
     let p = job(&queue, plain).await;
     assert_eq!((p.status.as_str(), p.attempts), ("pending", 0), "{p:?}");
     let k = job(&queue, keyed).await;
@@ -1331,29 +1345,20 @@ async fn a_claim_in_flight_at_shutdown_still_has_its_jobs_completed() {
     // The limited claim takes this advisory lock first; holding it parks every claim.
     let mut lock_holder = db.pool.acquire().await.unwrap().detach();
     sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(0x6772_6170_6864_6b01_i64)
+        .bind(jobs::queue::runtime::TENANT_CLAIM_LOCK)
         .execute(&mut lock_holder)
         .await
         .unwrap();
-    let id = queue
-        .enqueue(
-            &Probe {
-                record: true,
-                ..Probe::default()
-            },
-            EnqueueOptions::default(),
-        )
-        .await
-        .unwrap()
-        .id;
-    let mut worker = spawn_worker(
-        &db,
-        WorkerOptions {
-            shutdown_grace_secs: 10,
-            ..opts(|q| q.tenant_concurrency = Some(4))
+    let id = enqueue_probe(
+        &queue,
+        Probe {
+            record: true,
+            ..Probe::default()
         },
+        EnqueueOptions::default(),
     )
     .await;
+    let mut worker = worker_with(&db, 10, |q| q.tenant_concurrency = Some(4)).await;
     // Every fetcher claims at start and waits for the lock: once the number waiting has
     // stopped growing for a second, the probe queue's claim is among them.
     let waiting = || async {
@@ -1383,11 +1388,11 @@ async fn a_claim_in_flight_at_shutdown_still_has_its_jobs_completed() {
     worker.signal(Signal::SIGTERM);
     tokio::time::sleep(Duration::from_millis(500)).await;
     sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(0x6772_6170_6864_6b01_i64)
+        .bind(jobs::queue::runtime::TENANT_CLAIM_LOCK)
         .execute(&mut lock_holder)
         .await
         .unwrap();
-    let exit = worker.wait_exit(Duration::from_secs(20)).await;
+    let exit = worker.wait_exit(Duration::from_secs(30)).await;
     assert!(exit.success(), "{exit:?}");
     let j = job(&queue, id).await;
     let ran: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_probe_runs WHERE job_id = $1")
@@ -1508,26 +1513,17 @@ async fn ops_retries_keep_one_pending_job_per_coalesce_key() {
 async fn a_job_claimed_again_by_the_worker_still_running_it_keeps_its_books_straight() {
     let db = TestDb::new().await;
     let queue = Queue::new(db.pool.clone());
-    let mut worker = spawn_worker(
-        &db,
-        WorkerOptions {
-            shutdown_grace_secs: 15,
-            ..opts(|q| q.lease = Duration::from_secs(30))
+    let mut worker = worker_with(&db, 15, |q| q.lease = Duration::from_secs(30)).await;
+    let id = enqueue_probe(
+        &queue,
+        Probe {
+            sleep_ms: 2_000,
+            record: true,
+            ..Probe::default()
         },
+        EnqueueOptions::default(),
     )
     .await;
-    let id = queue
-        .enqueue(
-            &Probe {
-                sleep_ms: 2_000,
-                record: true,
-                ..Probe::default()
-            },
-            EnqueueOptions::default(),
-        )
-        .await
-        .unwrap()
-        .id;
     wait_status(&queue, id, "running", Duration::from_secs(10)).await;
     // What the reaper does after a lapsed lease; the same worker claims it again.
     sqlx::query(
@@ -1548,14 +1544,10 @@ async fn a_job_claimed_again_by_the_worker_still_running_it_keeps_its_books_stra
     .await;
     let j = wait_status(&queue, id, "done", Duration::from_secs(15)).await;
     assert_eq!(j.attempts, 2);
-    let started = std::time::Instant::now();
-    worker.signal(Signal::SIGTERM);
-    let exit = worker.wait_exit(Duration::from_secs(30)).await;
-    assert!(exit.success(), "{exit:?}");
+    let took = stop_gracefully(&mut worker).await;
     assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "nothing was running, yet shutdown took {:?}",
-        started.elapsed()
+        took < Duration::from_secs(8),
+        "nothing was running, yet shutdown took {took:?}"
     );
 }
 

@@ -166,6 +166,17 @@ impl World {
         assert_eq!(self.sends_of(send_marker), 1);
     }
 
+    /// The send ended failed, with `reason_part` in its reason, and nothing was sent.
+    async fn assert_failed_unsent(&self, send: SendId, reason_part: &str, send_marker: &str) {
+        let (status, reason) = self.send_status(&send.to_string()).await;
+        assert_eq!(status, "failed");
+        assert!(
+            reason.as_deref().is_some_and(|r| r.contains(reason_part)),
+            "{reason:?}"
+        );
+        assert_eq!(self.sends_of(send_marker), 0);
+    }
+
     fn sends_of(&self, send_marker: &str) -> usize {
         self.sim
             .sends()
@@ -486,15 +497,8 @@ async fn a_draft_deleted_before_it_was_sent_ends_the_send_failed_not_sent() {
     jobs::sending::send_reply(&w.services, w.tenant, send)
         .await
         .unwrap();
-    let (status, reason) = w.send_status(&send.to_string()).await;
-    assert_eq!(status, "failed");
-    assert!(
-        reason
-            .as_deref()
-            .is_some_and(|r| r.contains("draft disappeared")),
-        "{reason:?}"
-    );
-    assert_eq!(w.sends_of("Answer deleted-draft"), 0);
+    w.assert_failed_unsent(send, "draft disappeared", "Answer deleted-draft")
+        .await;
 }
 
 /// `ErrorInvalidRequest` is what Graph answers for sending a message that is no longer a
@@ -518,15 +522,8 @@ async fn a_send_refused_with_a_generic_400_while_the_draft_stays_a_draft_fails()
     jobs::sending::send_reply(&w.services, w.tenant, send)
         .await
         .unwrap();
-    let (status, reason) = w.send_status(&send.to_string()).await;
-    assert_eq!(status, "failed");
-    assert!(
-        reason
-            .as_deref()
-            .is_some_and(|r| r.contains("ErrorInvalidRequest")),
-        "{reason:?}"
-    );
-    assert_eq!(w.sends_of("Answer refused"), 0);
+    w.assert_failed_unsent(send, "ErrorInvalidRequest", "Answer refused")
+        .await;
 }
 
 /// The customer's mail was deleted from the mailbox after the last sync saw it: there is

@@ -36,7 +36,7 @@ use crate::ids::{JobId, TenantId};
 
 /// An advisory-lock key that serialises claims while tenant limits are on, so the running
 /// count each claim reads is exact across every process.
-const TENANT_CLAIM_LOCK: i64 = 0x6772_6170_6864_6b01;
+pub const TENANT_CLAIM_LOCK: i64 = 0x6772_6170_6864_6b01;
 
 /// How often each fetcher makes a deep limited claim (one that looks past the bounded head of the
 /// queue at every tenant with pending jobs): the longest a tenant can stay hidden behind
