@@ -414,7 +414,7 @@ async fn chaos_nothing_is_lost_duplicated_or_sent_twice() {
     }
     assert!(
         excess <= 0,
-        "a tenant ran {excess} more jobs at once than its limit"
+        "a tenant was granted {excess} more slots than its limit"
     );
     // Every failure explains itself.
     assert_eq!(
@@ -565,12 +565,19 @@ async fn sample_tenant_concurrency(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        // The peak is of `running` rows, which also hold jobs whose handler has returned and
+        // whose completion is not flushed yet, and a killed worker's jobs until the reaper
+        // takes them back. The limit bounds handlers running: each process runs no more of a
+        // tenant's jobs than its live grant (the runtime's unit tests), so what must stay
+        // within the limit at every instant is the sum of a tenant's live grants.
         let (n, over): (Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT max(r.n), max(r.n - coalesce(t.concurrency_limit, $1))
-             FROM (SELECT tenant_id, count(*) AS n FROM queue_jobs
-                   WHERE status = 'running' AND tenant_id IS NOT NULL
-                   GROUP BY tenant_id) r
-             JOIN tenants t ON t.id = r.tenant_id",
+            "SELECT (SELECT max(r.n) FROM (SELECT count(*) AS n FROM queue_jobs
+                                           WHERE status = 'running' AND tenant_id IS NOT NULL
+                                           GROUP BY tenant_id) r),
+                    (SELECT max(g.slots - coalesce(t.concurrency_limit, $1))
+                     FROM (SELECT tenant_id, sum(slots) AS slots FROM queue_tenant_grants
+                           WHERE expires_at >= now() GROUP BY tenant_id) g
+                     JOIN tenants t ON t.id = g.tenant_id)",
         )
         .bind(default_limit)
         .fetch_one(&pool)
@@ -849,7 +856,7 @@ impl Figures {
         println!("  outbound messages saved   {}", self.outbound_messages);
         println!("  peak mailbox concurrency  {peak_mailbox} (limit {MAILBOX_LIMIT})");
         println!(
-            "  peak tenant concurrency   {tenant_peak} (limit {tenant_limit}, {BUSY_TENANT_LIMIT} for the busy tenant; most over a limit: {})",
+            "  peak tenant running rows  {tenant_peak} (limit {tenant_limit}, {BUSY_TENANT_LIMIT} for the busy tenant; most granted over a limit: {})",
             tenant_excess.max(0)
         );
         println!(

@@ -1334,21 +1334,14 @@ async fn jobs_handed_back_at_shutdown_go_back_even_when_one_is_superseded() {
     assert_eq!(job(&queue, covering).await.status, "pending");
 }
 
-/// A claim still on its way to the database when shutdown begins (here: waiting for the
-/// tenant-limit claim lock) is part of the drain. The drain used to see nothing executing,
+/// A claim still on its way to the database when shutdown begins (here: waiting for a lock
+/// on the jobs table) is part of the drain. The drain used to see nothing executing,
 /// stop the completion flusher, and let the claim's jobs run with nowhere to report: they
 /// stayed `running` until their leases ended and then ran again.
 #[tokio::test]
 async fn a_claim_in_flight_at_shutdown_still_has_its_jobs_completed() {
     let db = TestDb::new().await;
     let queue = Queue::new(db.pool.clone());
-    // The limited claim takes this advisory lock first; holding it parks every claim.
-    let mut lock_holder = db.pool.acquire().await.unwrap().detach();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(jobs::queue::runtime::TENANT_CLAIM_LOCK)
-        .execute(&mut lock_holder)
-        .await
-        .unwrap();
     let id = enqueue_probe(
         &queue,
         Probe {
@@ -1358,13 +1351,25 @@ async fn a_claim_in_flight_at_shutdown_still_has_its_jobs_completed() {
         EnqueueOptions::default(),
     )
     .await;
+    // Reads go on under this lock, but a claim's row locks wait for it: holding it parks
+    // every claim.
+    let mut lock_holder = db.pool.acquire().await.unwrap().detach();
+    sqlx::query("BEGIN")
+        .execute(&mut lock_holder)
+        .await
+        .unwrap();
+    sqlx::query("LOCK TABLE queue_jobs IN EXCLUSIVE MODE")
+        .execute(&mut lock_holder)
+        .await
+        .unwrap();
     let mut worker = worker_with(&db, 10, |q| q.tenant_concurrency = Some(4)).await;
     // Every fetcher claims at start and waits for the lock: once the number waiting has
     // stopped growing for a second, the probe queue's claim is among them.
     let waiting = || async {
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database
-             WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()",
+             WHERE l.locktype = 'relation' AND l.relation = 'queue_jobs'::regclass
+               AND NOT l.granted AND d.datname = current_database()",
         )
         .fetch_one(&db.pool)
         .await
@@ -1387,8 +1392,7 @@ async fn a_claim_in_flight_at_shutdown_still_has_its_jobs_completed() {
     }
     worker.signal(Signal::SIGTERM);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(jobs::queue::runtime::TENANT_CLAIM_LOCK)
+    sqlx::query("ROLLBACK")
         .execute(&mut lock_holder)
         .await
         .unwrap();
@@ -1553,13 +1557,13 @@ async fn a_job_claimed_again_by_the_worker_still_running_it_keeps_its_books_stra
 
 /// Claims must stay index lookups once the queue has fresh statistics, as autovacuum takes
 /// them on any real server. On an analyzed queue of 20,000 pending jobs over 100 tenants, 75
-/// of them at their limit, the limited claim joined its picked ids by a nested loop over a
-/// sequential scan of the whole table (178 ms for one claim of 100), the plain claim by a
-/// hash join over one (20 ms instead of 5), and the deep claim's skip scan walked the
-/// (tenant_id, status, queue) index, which also holds every finished job.
+/// of them at their limit, the limited claim of an earlier release joined its picked ids by a
+/// nested loop over a sequential scan of the whole table (178 ms for one claim of 100), the
+/// plain claim by a hash join over one (20 ms instead of 5), and a skip scan over tenants like
+/// the grant sync's walked the (tenant_id, status, queue) index, which also holds every
+/// finished job.
 #[tokio::test]
 async fn claims_stay_index_lookups_on_an_analyzed_busy_queue() {
-    use jobs::queue::runtime::CLAIM_JOBS;
     let db = TestDb::new().await;
     let mut tenants = Vec::new();
     for i in 0..100 {
@@ -1589,47 +1593,109 @@ async fn claims_stay_index_lookups_on_an_analyzed_busy_queue() {
     .execute(&db.pool)
     .await
     .unwrap();
-    vacuum_analyze_queue(&db).await;
+    // Claims with tenant limits take each tenant's free slots; the grant sync finds the
+    // tenants with due jobs, counts the running jobs no grant covers (here the 300 of a
+    // worker without grants, so only the last 25 tenants have room) and grants.
+    let rooms = vec![2_i32; tenants.len()];
+    // Before and after the queue is analyzed: a server without autovacuum never analyzes it.
+    for analyzed in [false, true] {
+        if analyzed {
+            vacuum_analyze_queue(&db).await;
+        }
+        claims_use_their_indexes(&db, &tenants, &rooms, analyzed).await;
+    }
+}
 
-    let limited = "SELECT count(*) FROM queue_claim_limited('graphdesk.probe', 200, 'w2', 30,
-                       400, 4, 1, $1, '00000000-0000-0000-0000-000000000000', 256)";
-    for (name, deep) in [
-        ("limited claim", Some(false)),
-        ("deep claim", Some(true)),
-        ("plain claim", None),
-    ] {
+async fn claims_use_their_indexes(
+    db: &TestDb,
+    tenants: &[uuid::Uuid],
+    rooms: &[i32],
+    analyzed: bool,
+) {
+    use jobs::queue::runtime::{CLAIM_GRANTED_JOBS, CLAIM_JOBS, CLAIM_SESSION};
+    let sync = "SELECT count(*) FROM queue_sync_tenant_grants('w2', '{graphdesk.probe}', 1, 4,
+                    30, '{}', '{}', 256, '00000000-0000-0000-0000-000000000000', 0)";
+    for name in ["granted claim", "grant sync", "plain claim"] {
         // The backend's unflushed counters may still hold earlier statements' scans, so
-        // what the claim read is the difference across it.
+        // what the statement read is the difference across it.
         let scans = "SELECT pg_stat_get_xact_numscans('queue_jobs'::regclass),
-                            pg_stat_get_xact_numscans('queue_jobs_tenant_status_idx'::regclass)";
+                            pg_stat_get_xact_numscans('queue_jobs_tenant_status_idx'::regclass),
+                            pg_stat_get_xact_numscans('queue_jobs_claim_idx'::regclass),
+                            pg_stat_get_xact_tuples_returned('queue_jobs_tenant_status_idx'::regclass)";
         let mut tx = db.pool.begin().await.unwrap();
-        let before: (i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
-        let claimed: i64 = match deep {
-            Some(deep) => sqlx::query_scalar(limited)
-                .bind(deep)
-                .fetch_one(&mut *tx)
-                .await
-                .unwrap(),
-            None => sqlx::query(CLAIM_JOBS)
-                .bind("graphdesk.probe")
-                .bind(200_i64)
-                .bind("w2")
-                .bind(30.0_f64)
-                .fetch_all(&mut *tx)
-                .await
-                .unwrap()
-                .len() as i64,
+        if name != "grant sync" {
+            for (setting, value) in CLAIM_SESSION {
+                sqlx::query("SELECT set_config($1, $2, true)")
+                    .bind(setting)
+                    .bind(value)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+            }
+        }
+        let before: (i64, i64, i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
+        let (got, expected) = match name {
+            "granted claim" => (
+                sqlx::query(CLAIM_GRANTED_JOBS)
+                    .bind("graphdesk.probe")
+                    .bind("w2")
+                    .bind(tenants)
+                    .bind(rooms)
+                    .bind(200_i32)
+                    .bind(30.0_f64)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap()
+                    .len() as i64,
+                200,
+            ),
+            "grant sync" => (
+                sqlx::query_scalar(sync).fetch_one(&mut *tx).await.unwrap(),
+                25,
+            ),
+            _ => (
+                sqlx::query(CLAIM_JOBS)
+                    .bind("graphdesk.probe")
+                    .bind(200_i64)
+                    .bind("w2")
+                    .bind(30.0_f64)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap()
+                    .len() as i64,
+                200,
+            ),
         };
-        let after: (i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
+        let after: (i64, i64, i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
         tx.rollback().await.unwrap();
-        let (seq_scans, status_index_scans) = (after.0 - before.0, after.1 - before.1);
-        let expected = if deep.is_some() { 100 } else { 200 };
-        assert_eq!(claimed, expected, "{name}");
-        assert_eq!(seq_scans, 0, "{name} scanned queue_jobs sequentially");
-        assert_eq!(
-            status_index_scans, 0,
-            "{name} walked the tenant/status index"
+        let (seq_scans, status_index_scans, head_index_scans, status_index_rows) = (
+            after.0 - before.0,
+            after.1 - before.1,
+            after.2 - before.2,
+            after.3 - before.3,
         );
+        let name = format!("{name} (analyzed: {analyzed})");
+        assert_eq!(got, expected, "{name}");
+        assert_eq!(seq_scans, 0, "{name} scanned queue_jobs sequentially");
+        if name.starts_with("grant sync") {
+            // It may count each tenant's running jobs (300) and find each tenant's first due
+            // job (100) through that index, but must not walk the rest of a tenant's jobs.
+            assert!(
+                status_index_rows <= 400,
+                "{name} read {status_index_rows} entries of the tenant/status index"
+            );
+        } else {
+            assert_eq!(
+                status_index_scans, 0,
+                "{name} walked the tenant/status index"
+            );
+        }
+        if !name.starts_with("plain claim") {
+            assert_eq!(
+                head_index_scans, 0,
+                "{name} filtered the queue's head index by tenant"
+            );
+        }
     }
 }
 
@@ -1699,4 +1765,186 @@ async fn a_jobs_error_history_keeps_its_newest_fifty_entries() {
         );
         assert_eq!(history[49]["kind"], newest, "{}", j.errors);
     }
+}
+
+/// One grant sync for `worker` reporting `bounds` (tenant, the most it may hold); returns the
+/// slots it may fill per tenant.
+async fn grant_sync(
+    db: &TestDb,
+    worker: &str,
+    bounds: &[(TenantId, i32)],
+) -> std::collections::HashMap<uuid::Uuid, i32> {
+    let tenants: Vec<uuid::Uuid> = bounds.iter().map(|(t, _)| t.as_uuid()).collect();
+    let sizes: Vec<i32> = bounds.iter().map(|(_, n)| *n).collect();
+    sqlx::query_as::<_, (uuid::Uuid, i32)>(
+        "SELECT * FROM queue_sync_tenant_grants($1, '{graphdesk.probe}', $2, 4, 60, $3, $4, 256,
+                                                '00000000-0000-0000-0000-000000000000', 0)",
+    )
+    .bind(worker)
+    .bind(jobs::queue::runtime::TENANT_CLAIM_LOCK)
+    .bind(&tenants)
+    .bind(&sizes)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+/// Per tenant: the slots of every live grant plus its running jobs that no grant covers,
+/// which is what the limit bounds.
+async fn granted_or_uncovered(db: &TestDb, tenant: TenantId) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (SELECT coalesce(sum(slots), 0) FROM queue_tenant_grants
+                 WHERE tenant_id = $1 AND expires_at >= now())
+              + (SELECT count(*) FROM queue_jobs r
+                 WHERE r.tenant_id = $1 AND r.status = 'running'
+                   AND NOT EXISTS (SELECT 1 FROM queue_tenant_grants g
+                                   WHERE g.tenant_id = $1 AND g.worker_id = r.locked_by
+                                     AND g.expires_at >= now()))",
+    )
+    .bind(tenant.as_uuid())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// The grant protocol step by step, as two and three processes would drive it: the first to
+/// ask gets all it may use, a second wanting the same tenant gets a fair share as the first
+/// one's jobs finish, a tenant's own limit and a dead worker's uncovered jobs count, lapsed
+/// grants are taken back, and at no step do a tenant's grants exceed its limit.
+#[tokio::test]
+async fn tenant_slot_grants_share_each_limit_and_never_exceed_it() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let busy = db.create_tenant("busy").await;
+    let single = db.create_tenant("one-at-a-time").await;
+    sqlx::query("UPDATE tenants SET concurrency_limit = 1 WHERE id = $1")
+        .bind(single.as_uuid())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    for tenant in [busy, single] {
+        let probes: Vec<Probe> = (0..10)
+            .map(|_| Probe {
+                tenant: Some(tenant),
+                ..Probe::default()
+            })
+            .collect();
+        queue.enqueue_batch(&probes).await.unwrap();
+    }
+    let within_limits = || async {
+        assert!(granted_or_uncovered(&db, busy).await <= 4);
+        assert!(granted_or_uncovered(&db, single).await <= 1);
+    };
+    let (b, s) = (busy.as_uuid(), single.as_uuid());
+
+    // Alone, a worker is granted each tenant's whole limit.
+    let a = grant_sync(&db, "a", &[]).await;
+    assert_eq!((a.get(&b), a.get(&s)), (Some(&4), Some(&1)));
+    within_limits().await;
+    // A second worker wants them too: nothing is free yet.
+    let second = grant_sync(&db, "b", &[]).await;
+    assert!(second.is_empty(), "{second:?}");
+    within_limits().await;
+    // The first worker is told its fair share, while its row still covers the 4 jobs it may
+    // be running until it syncs again...
+    let a = grant_sync(&db, "a", &[(busy, 4), (single, 1)]).await;
+    assert_eq!((a.get(&b), a.get(&s)), (Some(&2), Some(&1)));
+    assert!(grant_sync(&db, "b", &[]).await.is_empty());
+    within_limits().await;
+    // ...and once it runs no more than that, the second worker gets the rest.
+    grant_sync(&db, "a", &[(busy, 2), (single, 1)]).await;
+    let second = grant_sync(&db, "b", &[]).await;
+    assert_eq!((second.get(&b), second.get(&s)), (Some(&2), None));
+    within_limits().await;
+
+    // A job left running by a worker that holds no grant (it died and its rows lapsed) counts
+    // until the reaper takes it back.
+    sqlx::query(
+        "UPDATE queue_jobs SET status = 'running', attempts = 1, locked_by = 'dead',
+             lease_expires_at = now() + interval '1 minute'
+         WHERE id = (SELECT min(id) FROM queue_jobs WHERE tenant_id = $1)",
+    )
+    .bind(b)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert!(grant_sync(&db, "c", &[]).await.is_empty());
+    // The first worker's rows lapse (it stopped syncing): their slots go to those who want
+    // them, less the dead worker's job.
+    sqlx::query("UPDATE queue_tenant_grants SET expires_at = now() - interval '1 second' WHERE worker_id = 'a'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let third = grant_sync(&db, "c", &[]).await;
+    assert_eq!((third.get(&b), third.get(&s)), (Some(&1), Some(&1)));
+    within_limits().await;
+    let lapsed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_tenant_grants WHERE worker_id = 'a'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(lapsed, 0, "a lapsed worker's rows are deleted");
+
+    // With no due jobs left, a worker that holds nothing gives its slots back.
+    sqlx::query("UPDATE queue_jobs SET status = 'cancelled' WHERE status = 'pending'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(grant_sync(&db, "b", &[(busy, 0)]).await.is_empty());
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_tenant_grants WHERE worker_id = 'b'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+}
+
+/// A tenant's slot is free once its handler returns: the limit bounds handlers running, so a
+/// completion that cannot be written yet (here its row is held by another transaction, and
+/// the flush skips it) does not hold the tenant's next job back. Slots used to be held until
+/// the completion was flushed.
+#[tokio::test]
+async fn a_tenants_next_job_starts_while_the_last_ones_completion_waits_to_be_written() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let tenant = db.create_tenant("one-at-a-time").await;
+    let probe = |sleep_ms| Probe {
+        tenant: Some(tenant),
+        record: true,
+        sleep_ms,
+        ..Probe::default()
+    };
+    let first = enqueue_probe(&queue, probe(500), EnqueueOptions::default()).await;
+    let _worker = worker_with(&db, 10, |q| q.tenant_concurrency = Some(1)).await;
+    wait_status(&queue, first, "running", Duration::from_secs(30)).await;
+    let holder = hold_row(&db, first.get()).await;
+    let second = enqueue_probe(&queue, probe(0), EnqueueOptions::default()).await;
+    let ran = |id: JobId| {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM queue_probe_runs WHERE job_id = $1")
+            .bind(id.get())
+            .fetch_one(&db.pool)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ran(second).await.unwrap() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tenant's next job waited for the last one's completion to be written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        ran(first).await.unwrap(),
+        1,
+        "the first job's handler had returned"
+    );
+    assert_eq!(
+        job(&queue, first).await.status,
+        "running",
+        "its completion was still waiting for the held row"
+    );
+    holder.rollback().await.unwrap();
+    wait_status(&queue, first, "done", Duration::from_secs(30)).await;
+    wait_status(&queue, second, "done", Duration::from_secs(30)).await;
 }

@@ -1,7 +1,9 @@
 //! Per-tenant concurrency overrides: how many of one tenant's jobs may run at once across every
-//! worker, when that should differ from the workers' `WORKER_TENANT_CONCURRENCY`. Every limited
-//! claim reads `tenants.concurrency_limit` afresh, so a change applies to the next claim on
-//! every host without a restart; jobs already running are never interrupted by a lower limit.
+//! worker, when that should differ from the workers' `WORKER_TENANT_CONCURRENCY`. Every slot
+//! grant sync (each worker syncs several times a second) reads `tenants.concurrency_limit`
+//! afresh, so a change applies within a fraction of a second on every host without a restart;
+//! jobs already running are never interrupted by a lower limit, and their slots are not given
+//! out again until they finish.
 
 use serde_json::json;
 
