@@ -626,16 +626,22 @@ async fn tenant_limits_hold_across_three_worker_processes() {
     );
 }
 
-#[tokio::test]
-async fn a_per_tenant_override_beats_the_default() {
-    let db = TestDb::new().await;
-    let queue = Queue::new(db.pool.clone());
+/// A tenant whose own concurrency limit is 1, whatever the workers' default.
+async fn tenant_limited_to_one(db: &TestDb) -> TenantId {
     let tenant = db.create_tenant("one-at-a-time").await;
     sqlx::query("UPDATE tenants SET concurrency_limit = 1 WHERE id = $1")
         .bind(tenant.as_uuid())
         .execute(&db.pool)
         .await
         .unwrap();
+    tenant
+}
+
+#[tokio::test]
+async fn a_per_tenant_override_beats_the_default() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let tenant = tenant_limited_to_one(&db).await;
     let _w = spawn_worker(&db, opts(|q| q.tenant_concurrency = Some(8))).await;
     let probes: Vec<Probe> = (0..20)
         .map(|_| Probe {
@@ -1818,12 +1824,7 @@ async fn tenant_slot_grants_share_each_limit_and_never_exceed_it() {
     let db = TestDb::new().await;
     let queue = Queue::new(db.pool.clone());
     let busy = db.create_tenant("busy").await;
-    let single = db.create_tenant("one-at-a-time").await;
-    sqlx::query("UPDATE tenants SET concurrency_limit = 1 WHERE id = $1")
-        .bind(single.as_uuid())
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let single = tenant_limited_to_one(&db).await;
     for tenant in [busy, single] {
         let probes: Vec<Probe> = (0..10)
             .map(|_| Probe {

@@ -132,7 +132,7 @@ struct Completion {
 struct Inflight {
     attempt: i32,
     executing: bool,
-    /// Holds one of this tenant's granted slots until the entry goes.
+    /// Holds one of this tenant's granted slots while the handler runs.
     tenant: Option<uuid::Uuid>,
 }
 
@@ -719,7 +719,8 @@ pub const CLAIM_JOBS: &str = "WITH picked AS (
 /// tenant (every production job kind has one), in queue `$1` for worker `$2` with a
 /// lease of `$6` seconds. Each tenant's jobs come from its own descent of the per-tenant
 /// pending index (a range, not `=`: with `=` the planner drops tenant_id from the ORDER BY as
-/// a constant, and the head index needs a sort again); no count, no lock, and claims of
+/// a constant, and the head index, filtered by tenant, serves that order too); no count, no
+/// lock, and claims of
 /// several processes run side by side. Public so a test can check its plan.
 pub const CLAIM_GRANTED_JOBS: &str = "WITH room AS (
         SELECT * FROM unnest($3::uuid[], $4::int[]) AS r(tenant_id, n)
