@@ -281,6 +281,17 @@ pub async fn bind_api() -> (poem::listener::TcpAcceptor, String) {
     (acceptor, format!("http://{addr}"))
 }
 
+/// The api in process on a fresh database, with graph-sim as its Microsoft and the sim's
+/// redirect URI naming the api's own OAuth callback. Also returns the api's base URL.
+pub async fn spawn_app_with_sim() -> (TestApp, graph_sim::GraphSim, String) {
+    let db = TestDb::new().await;
+    let (acceptor, base) = bind_api().await;
+    let redirect = format!("{base}/oauth/callback");
+    let sim = spawn_sim(&redirect, |_| {}).await;
+    let app = serve_app(db, acceptor, Endpoints::sim(&sim, &redirect)).await;
+    (app, sim, base)
+}
+
 pub async fn serve_app(
     db: TestDb,
     acceptor: poem::listener::TcpAcceptor,

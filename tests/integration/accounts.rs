@@ -4,10 +4,7 @@
 use std::time::Duration;
 
 use graph_sim::GraphSim;
-use graphdesk_tests::{
-    Endpoints, TestApp, TestDb, TestRole, WorkerOptions, bind_api, serve_app, spawn_sim,
-    spawn_worker,
-};
+use graphdesk_tests::{TestApp, TestRole, WorkerOptions, spawn_app_with_sim, spawn_worker};
 use jobs::accounts::tokens::{AccountTokenSource, RefreshMode, refresh_tokens};
 use jobs::graph::AccessTokenSource;
 use jobs::ids::{AccountId, TenantId};
@@ -24,11 +21,7 @@ struct World {
 }
 
 async fn world() -> World {
-    let db = TestDb::new().await;
-    let (acceptor, base) = bind_api().await;
-    let redirect = format!("{base}/oauth/callback");
-    let sim = spawn_sim(&redirect, |_| {}).await;
-    let app = serve_app(db, acceptor, Endpoints::sim(&sim, &redirect)).await;
+    let (app, sim, _) = spawn_app_with_sim().await;
     let tenant = app.db.create_tenant("Contoso").await;
     let admin = app.token(tenant, TestRole::Admin);
     let t = sim.create_tenant("contoso.example", "Contoso");

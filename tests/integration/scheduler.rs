@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use graph_sim::{GraphSim, InboundMail, LifecycleEvent};
 use graphdesk_tests::{
-    Endpoints, TestApp, TestDb, TestRole, bind_api, serve_app, spawn_app, spawn_sim, workspace_bin,
+    TestApp, TestDb, TestRole, bind_api, spawn_app, spawn_app_with_sim, workspace_bin,
 };
 use jobs::ids::{AccountId, TenantId};
 use jobs::kinds::{RefreshToken, SyncMailbox, ValidateAccount};
@@ -748,11 +748,7 @@ struct World {
 }
 
 async fn world() -> World {
-    let db = TestDb::new().await;
-    let (acceptor, base) = bind_api().await;
-    let redirect = format!("{base}/oauth/callback");
-    let sim = spawn_sim(&redirect, |_| {}).await;
-    let app = serve_app(db, acceptor, Endpoints::sim(&sim, &redirect)).await;
+    let (app, sim, base) = spawn_app_with_sim().await;
     let tenant = app.db.create_tenant("Contoso").await;
     let t = sim.create_tenant("contoso.example", "Contoso");
     sim.create_user(&t, "helpdesk@contoso.example", "Help Desk");

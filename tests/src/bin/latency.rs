@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use graph_sim::{GraphSim, InboundMail};
-use graphdesk_tests::{Endpoints, TestApp, TestDb, TestRole, bind_api, serve_app, spawn_sim};
+use graphdesk_tests::{TestApp, TestRole, spawn_app_with_sim};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -106,11 +106,7 @@ fn percentile(sorted: &[u128], p: usize) -> u128 {
 
 /// Runs one mode end to end; one latency per mail (`None`: not ingested in time).
 async fn run_mode(cli: &Cli, mode: Mode) -> anyhow::Result<Vec<Option<Duration>>> {
-    let db = TestDb::new().await;
-    let (acceptor, base) = bind_api().await;
-    let redirect = format!("{base}/oauth/callback");
-    let sim = spawn_sim(&redirect, |_| {}).await;
-    let app = serve_app(db, acceptor, Endpoints::sim(&sim, &redirect)).await;
+    let (app, sim, base) = spawn_app_with_sim().await;
     let tenant = app.db.create_tenant("Latency Co").await;
     let t = sim.create_tenant("latency.example", "Latency Co");
     let mailbox = "helpdesk@latency.example";
