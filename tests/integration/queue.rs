@@ -1797,6 +1797,78 @@ async fn grant_sync(
     .collect()
 }
 
+/// A worker keeps a tenant's slots for a while after the tenant's last due job, so its next
+/// job starts without waiting for a sync, but gives them up at once to another worker that
+/// wants the tenant, and for good once the linger is over.
+#[tokio::test]
+async fn idle_tenant_slots_linger_until_another_worker_wants_them() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let tenant = db.create_tenant("quiet").await;
+    let id = enqueue_probe(
+        &queue,
+        Probe {
+            tenant: Some(tenant),
+            ..Probe::default()
+        },
+        EnqueueOptions::default(),
+    )
+    .await;
+    let sync = |worker: &'static str, linger_secs: f64| {
+        sqlx::query_as::<_, (uuid::Uuid, i32)>(
+            "SELECT * FROM queue_sync_tenant_grants($1, '{graphdesk.probe}', $2, 4, 60, '{}', '{}',
+                 256, '00000000-0000-0000-0000-000000000000', $3)",
+        )
+        .bind(worker)
+        .bind(jobs::queue::runtime::TENANT_CLAIM_LOCK)
+        .bind(linger_secs)
+        .fetch_all(&db.pool)
+    };
+    assert_eq!(sync("a", 60.0).await.unwrap(), vec![(tenant.as_uuid(), 4)]);
+    sqlx::query("UPDATE queue_jobs SET status = 'cancelled' WHERE id = $1")
+        .bind(id.get())
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        sync("a", 60.0).await.unwrap(),
+        vec![(tenant.as_uuid(), 4)],
+        "no due jobs, but within the linger: the slots stay"
+    );
+    assert!(
+        sync("a", 0.0).await.unwrap().is_empty(),
+        "past the linger the slots go back"
+    );
+    assert_eq!(sync("a", 60.0).await.unwrap(), vec![]);
+    // Lingering again (the tenant had work), until another worker wants the tenant.
+    enqueue_probe(
+        &queue,
+        Probe {
+            tenant: Some(tenant),
+            ..Probe::default()
+        },
+        EnqueueOptions::default(),
+    )
+    .await;
+    assert_eq!(sync("a", 60.0).await.unwrap(), vec![(tenant.as_uuid(), 4)]);
+    sqlx::query("UPDATE queue_jobs SET status = 'cancelled' WHERE status = 'pending'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO queue_tenant_grants (tenant_id, worker_id, slots, wants, wanted_at, expires_at)
+         VALUES ($1, 'b', 0, true, now(), now() + interval '1 minute')",
+    )
+    .bind(tenant.as_uuid())
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        sync("a", 60.0).await.unwrap().is_empty(),
+        "another worker wants the tenant: lingering slots go to it"
+    );
+}
+
 /// Per tenant: the slots of every live grant plus its running jobs that no grant covers,
 /// which is what the limit bounds.
 async fn granted_or_uncovered(db: &TestDb, tenant: TenantId) -> i64 {
