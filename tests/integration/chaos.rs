@@ -569,14 +569,20 @@ async fn sample_tenant_concurrency(
         // whose completion is not flushed yet, and a killed worker's jobs until the reaper
         // takes them back. The limit bounds handlers running: each process runs no more of a
         // tenant's jobs than its live grant (the runtime's unit tests), so what must stay
-        // within the limit at every instant is the sum of a tenant's live grants.
+        // within the limit at every instant is the sum of a tenant's live grants, plus the
+        // running jobs of the killed worker, whose lapsed rows stand for them.
         let (n, over): (Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT (SELECT max(r.n) FROM (SELECT count(*) AS n FROM queue_jobs
                                            WHERE status = 'running' AND tenant_id IS NOT NULL
                                            GROUP BY tenant_id) r),
                     (SELECT max(g.slots - coalesce(t.concurrency_limit, $1))
-                     FROM (SELECT tenant_id, sum(slots) AS slots FROM queue_tenant_grants
-                           WHERE expires_at >= now() GROUP BY tenant_id) g
+                     FROM (SELECT l.tenant_id,
+                                  sum(CASE WHEN l.expires_at >= now() THEN l.slots
+                                      ELSE (SELECT count(*) FROM queue_jobs r
+                                            WHERE r.tenant_id = l.tenant_id
+                                              AND r.status = 'running'
+                                              AND r.locked_by = l.worker_id) END) AS slots
+                           FROM queue_tenant_grants l GROUP BY l.tenant_id) g
                      JOIN tenants t ON t.id = g.tenant_id)",
         )
         .bind(default_limit)

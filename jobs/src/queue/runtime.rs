@@ -475,6 +475,7 @@ impl WorkerRuntime {
         for h in handles {
             let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
         }
+        give_back_grants(&self.inner).await;
         info!(worker_id = %self.inner.worker_id, "queue runtime stopped");
     }
 
@@ -1309,13 +1310,26 @@ async fn grant_loop(inner: Arc<Inner>) {
             () = inner.stop_background.cancelled() => break,
         }
     }
-    // The slots go back at once instead of when the rows lapse. A job of this process still
-    // running in the database then counts as uncovered in other processes' syncs, so this
-    // never lets a tenant over its limit.
-    if let Err(e) = sqlx::query("DELETE FROM queue_tenant_grants WHERE worker_id = $1")
-        .bind(&*inner.worker_id)
-        .execute(&inner.pool)
-        .await
+}
+
+/// At shutdown, once the flusher has written what it could, the slots go back at once
+/// instead of when the rows lapse. A row whose tenant still has a job of this process running
+/// in the database (its completion or hand-back could not be written) stays: lapsed, it
+/// stands for those jobs in other processes' syncs until the reaper returns them.
+async fn give_back_grants(inner: &Inner) {
+    if inner.settings.tenant_concurrency.is_none() {
+        return;
+    }
+    if let Err(e) = sqlx::query(
+        "DELETE FROM queue_tenant_grants g
+         WHERE g.worker_id = $1
+           AND NOT EXISTS (SELECT 1 FROM queue_jobs r
+                           WHERE r.tenant_id = g.tenant_id AND r.status = 'running'
+                             AND r.locked_by = g.worker_id)",
+    )
+    .bind(&*inner.worker_id)
+    .execute(&inner.pool)
+    .await
     {
         warn!(error = ?e, "could not give back tenant slot grants; they lapse with the lease");
     }
