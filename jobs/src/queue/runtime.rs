@@ -197,6 +197,11 @@ impl GrantBook {
         rooms
     }
 
+    /// Whether any granted slot is in use (held by a running handler or a claim on its way).
+    fn holds_any(&self) -> bool {
+        self.tenants.values().any(|s| s.held > 0)
+    }
+
     /// Gives back the reserved slots a claim did not fill.
     fn settle(&mut self, rooms: &[(uuid::Uuid, i32)], claimed: &HashMap<uuid::Uuid, i32>) {
         for (tenant, room) in rooms {
@@ -746,10 +751,16 @@ pub const CLAIM_GRANTED_JOBS: &str = "WITH room AS (
     WHERE j.id = ANY (ARRAY(SELECT id FROM picked LIMIT $5)) AND coalesce(j.status, '') = 'pending'
     RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.tenant_id";
 
-async fn claim(inner: &Inner, queue: &str, n: usize) -> Result<Vec<ClaimedRow>, QueueError> {
+/// Claims up to `n` jobs. With tenant limits, also says whether every slot this process was
+/// granted was in use: then an empty answer says nothing about tenants it holds no slot of.
+async fn claim(
+    inner: &Inner,
+    queue: &str,
+    n: usize,
+) -> (Result<Vec<ClaimedRow>, QueueError>, bool) {
     let lease = inner.settings.lease.as_secs_f64();
     if inner.settings.tenant_concurrency.is_none() {
-        return sqlx::query_as(CLAIM_JOBS)
+        let claimed = sqlx::query_as(CLAIM_JOBS)
             .bind(queue)
             .bind(n as i64)
             .bind(&*inner.worker_id)
@@ -757,11 +768,17 @@ async fn claim(inner: &Inner, queue: &str, n: usize) -> Result<Vec<ClaimedRow>, 
             .fetch_all(&inner.claim_pool)
             .await
             .ctx("claim");
+        return (claimed, false);
     }
     // Every free slot is offered, not only as many as the batch: which tenants have due jobs
     // is only known to the claim, and a batch smaller than the free slots (16 by default)
     // otherwise missed a tenant's new job until a later claim reached that tenant.
-    let rooms = inner.grants.lock().expect("poisoned").reserve(usize::MAX);
+    let (rooms, saturated) = {
+        let mut book = inner.grants.lock().expect("poisoned");
+        let rooms = book.reserve(usize::MAX);
+        let saturated = rooms.is_empty() && book.holds_any();
+        (rooms, saturated)
+    };
     let (tenants, sizes): (Vec<uuid::Uuid>, Vec<i32>) = rooms.iter().copied().unzip();
     let claimed: Result<Vec<ClaimedRow>, QueueError> = sqlx::query_as(CLAIM_GRANTED_JOBS)
         .bind(queue)
@@ -784,7 +801,7 @@ async fn claim(inner: &Inner, queue: &str, n: usize) -> Result<Vec<ClaimedRow>, 
         .lock()
         .expect("poisoned")
         .settle(&rooms, &per_tenant);
-    claimed
+    (claimed, saturated)
 }
 
 async fn fetch_loop<J: JobKind>(
@@ -822,7 +839,8 @@ async fn fetch_loop<J: JobKind>(
                 Err(_) => break,
             }
         }
-        let claimed = match claim(&inner, J::QUEUE, n).await {
+        let (claimed, saturated) = claim(&inner, J::QUEUE, n).await;
+        let claimed = match claimed {
             Ok(rows) => {
                 failures = 0;
                 rows
@@ -905,8 +923,10 @@ async fn fetch_loop<J: JobKind>(
         // granted slots: claiming again at once would take the odd slot freed meanwhile, one
         // claim per few jobs. The next local flush or an enqueue wakes it instead, and an
         // empty claim asks for a grant sync now, since the work may be a tenant this process
-        // holds no slots of yet.
-        if limited && got == 0 {
+        // holds no slots of yet. Not when every granted slot was in use: under load that was
+        // dozens of syncs a second per process, each a few ms of the database's time under
+        // one lock, and the periodic sync finds new tenants then.
+        if limited && got == 0 && !saturated {
             inner.grant_sync_wanted.notify_one();
         }
         if got == 0 || (limited && got < n) {
@@ -1623,6 +1643,28 @@ mod tests {
         book.release(uuid::Uuid::from_u128(1), 1);
         assert_eq!(held(&book, 1), 0);
         assert_eq!(book.reserve(10), vec![(uuid::Uuid::from_u128(1), 3)]);
+    }
+
+    #[test]
+    /// An empty claim asks for a grant sync unless every granted slot was in use: a process
+    /// with no grants (or free ones) must learn of new tenants' work at once, a saturated one
+    /// leaves that to the periodic sync.
+    fn only_a_process_with_every_slot_in_use_counts_as_saturated() {
+        let mut none = GrantBook::default();
+        assert!(none.reserve(usize::MAX).is_empty());
+        assert!(
+            !none.holds_any(),
+            "no grants: an empty claim asks for a sync"
+        );
+        let mut book = book(&[(1, 2), (2, 1)]);
+        assert_eq!(book.reserve(usize::MAX).len(), 2);
+        assert!(book.reserve(usize::MAX).is_empty());
+        assert!(book.holds_any(), "every slot in use: saturated");
+        book.release(uuid::Uuid::from_u128(2), 1);
+        assert_eq!(
+            book.reserve(usize::MAX),
+            vec![(uuid::Uuid::from_u128(2), 1)]
+        );
     }
 
     #[test]
