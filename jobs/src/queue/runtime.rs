@@ -1645,10 +1645,10 @@ mod tests {
         assert_eq!(book.reserve(10), vec![(uuid::Uuid::from_u128(1), 3)]);
     }
 
-    #[test]
     /// An empty claim asks for a grant sync unless every granted slot was in use: a process
     /// with no grants (or free ones) must learn of new tenants' work at once, a saturated one
     /// leaves that to the periodic sync.
+    #[test]
     fn only_a_process_with_every_slot_in_use_counts_as_saturated() {
         let mut none = GrantBook::default();
         assert!(none.reserve(usize::MAX).is_empty());
