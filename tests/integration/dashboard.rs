@@ -491,18 +491,51 @@ async fn tenant_limit(pool: &PgPool, tenant: TenantId) -> Option<i32> {
         .unwrap()
 }
 
-/// What one worker's limited claim takes now, with a default limit of 4 (the statement every
-/// worker runs with WORKER_TENANT_CONCURRENCY=4).
+/// What one worker with the default limit of 4 (WORKER_TENANT_CONCURRENCY=4) takes now: a
+/// grant sync reporting the jobs it already runs, then a claim within the slots granted.
 async fn claim_with_default_limit_4(pool: &PgPool) -> usize {
-    let rows: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM queue_claim_limited($1, 10, 'test-worker', 60, 64, 4, 42, false,
-                                            gen_random_uuid(), 256)",
+    use jobs::queue::runtime::{CLAIM_GRANTED_JOBS, TENANT_CLAIM_LOCK};
+    const WORKER: &str = "test-worker";
+    let running: Vec<(Uuid, i32)> = sqlx::query_as(
+        "SELECT tenant_id, count(*)::int FROM queue_jobs
+         WHERE status = 'running' AND locked_by = $1 GROUP BY tenant_id",
     )
-    .bind(PROBE)
+    .bind(WORKER)
     .fetch_all(pool)
     .await
     .unwrap();
-    rows.len()
+    let (tenants, bounds): (Vec<Uuid>, Vec<i32>) = running.iter().copied().unzip();
+    let granted: Vec<(Uuid, i32)> = sqlx::query_as(
+        "SELECT * FROM queue_sync_tenant_grants($1, $2, $3, 4, 60, $4, $5, 256,
+                                                '00000000-0000-0000-0000-000000000000', 10)",
+    )
+    .bind(WORKER)
+    .bind(vec![PROBE])
+    .bind(TENANT_CLAIM_LOCK)
+    .bind(&tenants)
+    .bind(&bounds)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let (rooms, sizes): (Vec<Uuid>, Vec<i32>) = granted
+        .iter()
+        .map(|(tenant, slots)| {
+            let held = running.iter().find(|(t, _)| t == tenant).map_or(0, |r| r.1);
+            (*tenant, slots - held)
+        })
+        .filter(|(_, free)| *free > 0)
+        .unzip();
+    sqlx::query(CLAIM_GRANTED_JOBS)
+        .bind(PROBE)
+        .bind(WORKER)
+        .bind(&rooms)
+        .bind(&sizes)
+        .bind(10_i32)
+        .bind(60.0_f64)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .len()
 }
 
 #[tokio::test]
