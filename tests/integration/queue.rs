@@ -663,6 +663,38 @@ async fn a_per_tenant_override_beats_the_default() {
     assert_eq!(maxes, vec![(tenant.as_uuid(), 1)]);
 }
 
+/// A new tenant's first job starts once its slots are granted, not at the next poll. The
+/// grant wakes every queue's fetchers, and each claim reserves every free slot whatever its
+/// queue; a probe fetcher that found the slot reserved by another queue's claim used to sleep
+/// until its poll (here 30 s) although that claim gave the slot back at once. Each of ten
+/// tenants in turn gives the race its chance: it was lost about half the time.
+#[tokio::test]
+async fn a_new_tenants_first_job_starts_without_waiting_for_a_poll() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let _w = spawn_worker(
+        &db,
+        opts(|q| {
+            q.tenant_concurrency = Some(1);
+            q.poll_interval = Duration::from_secs(30);
+        }),
+    )
+    .await;
+    for i in 0..10 {
+        let tenant = db.create_tenant(&format!("new-{i}")).await;
+        let id = enqueue_probe(
+            &queue,
+            Probe {
+                tenant: Some(tenant),
+                ..Probe::default()
+            },
+            EnqueueOptions::default(),
+        )
+        .await;
+        wait_status(&queue, id, "done", Duration::from_secs(5)).await;
+    }
+}
+
 /// A backlog of one tenant at the head of the queue, then a few jobs of a later tenant; one
 /// worker with `limit` per tenant. Returns how many backlog jobs had run when the later
 /// tenant's last job was done, or panics if that took longer than `within`.

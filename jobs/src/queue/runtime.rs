@@ -149,6 +149,14 @@ struct GrantBook {
     /// Where the next claim starts among the tenants, when there are more free slots than
     /// the claim can take.
     rotation: usize,
+    /// Slots reserved by claims on their way (part of the tenants' `held`).
+    reserved: u32,
+    /// Queues whose fetcher found no free slot while other claims held reservations: the
+    /// slots those claims give back unused are theirs to try. A claim reserves every free
+    /// slot, whatever the tenant's jobs' queue, so without this a tenant's first job waited
+    /// for its fetcher's poll whenever another queue's claim was on its way when the grant
+    /// arrived (every queue's fetchers wake on a new grant).
+    starved: Vec<&'static str>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -194,6 +202,17 @@ impl GrantBook {
                 }
             }
         }
+        self.reserved += (n - left) as u32;
+        rooms
+    }
+
+    /// Reserves every free slot for a claim in `queue`. Empty while other claims hold
+    /// reservations: `queue` is then woken when they give some back.
+    fn reserve_for(&mut self, queue: &'static str) -> Vec<(uuid::Uuid, i32)> {
+        let rooms = self.reserve(usize::MAX);
+        if rooms.is_empty() && self.reserved > 0 && !self.starved.contains(&queue) {
+            self.starved.push(queue);
+        }
         rooms
     }
 
@@ -202,12 +221,28 @@ impl GrantBook {
         self.tenants.values().any(|s| s.held > 0)
     }
 
-    /// Gives back the reserved slots a claim did not fill.
-    fn settle(&mut self, rooms: &[(uuid::Uuid, i32)], claimed: &HashMap<uuid::Uuid, i32>) {
+    /// Gives back the reserved slots a claim did not fill. Returns the queues to wake: those
+    /// that found nothing free meanwhile, when some slot came back, except the claim's own
+    /// (its fetcher claims again itself when there may be more).
+    fn settle(
+        &mut self,
+        queue: &'static str,
+        rooms: &[(uuid::Uuid, i32)],
+        claimed: &HashMap<uuid::Uuid, i32>,
+    ) -> Vec<&'static str> {
+        let mut returned = 0;
         for (tenant, room) in rooms {
             let used = claimed.get(tenant).copied().unwrap_or(0).min(*room);
+            self.reserved = self.reserved.saturating_sub(*room as u32);
+            returned += *room - used;
             self.release(*tenant, (*room - used) as u32);
         }
+        if returned == 0 || self.starved.is_empty() {
+            return Vec::new();
+        }
+        let mut wake = std::mem::take(&mut self.starved);
+        wake.retain(|q| *q != queue);
+        wake
     }
 
     fn release(&mut self, tenant: uuid::Uuid, n: u32) {
@@ -755,7 +790,7 @@ pub const CLAIM_GRANTED_JOBS: &str = "WITH room AS (
 /// granted was in use: then an empty answer says nothing about tenants it holds no slot of.
 async fn claim(
     inner: &Inner,
-    queue: &str,
+    queue: &'static str,
     n: usize,
 ) -> (Result<Vec<ClaimedRow>, QueueError>, bool) {
     let lease = inner.settings.lease.as_secs_f64();
@@ -775,7 +810,7 @@ async fn claim(
     // otherwise missed a tenant's new job until a later claim reached that tenant.
     let (rooms, saturated) = {
         let mut book = inner.grants.lock().expect("poisoned");
-        let rooms = book.reserve(usize::MAX);
+        let rooms = book.reserve_for(queue);
         let saturated = rooms.is_empty() && book.holds_any();
         (rooms, saturated)
     };
@@ -796,11 +831,17 @@ async fn claim(
             *per_tenant.entry(t).or_default() += 1;
         }
     }
-    inner
+    let starved = inner
         .grants
         .lock()
         .expect("poisoned")
-        .settle(&rooms, &per_tenant);
+        .settle(queue, &rooms, &per_tenant);
+    for q in starved {
+        let waker = inner.wakers.lock().expect("poisoned").get(q).cloned();
+        if let Some(w) = waker {
+            w.notify_one();
+        }
+    }
     (claimed, saturated)
 }
 
@@ -1638,7 +1679,7 @@ mod tests {
         let mut book = book(&[(1, 3)]);
         let rooms = book.reserve(10);
         let claimed = HashMap::from([(uuid::Uuid::from_u128(1), 1)]);
-        book.settle(&rooms, &claimed);
+        book.settle("q", &rooms, &claimed);
         assert_eq!(held(&book, 1), 1);
         book.release(uuid::Uuid::from_u128(1), 1);
         assert_eq!(held(&book, 1), 0);
@@ -1667,6 +1708,35 @@ mod tests {
         );
     }
 
+    /// Every queue's fetchers claim within the same slots. One that finds them all reserved
+    /// by another queue's claim is woken when that claim gives them back unused; without
+    /// that, a tenant's first job waited for its fetcher's next poll.
+    #[test]
+    fn a_queue_that_found_every_slot_reserved_is_woken_when_they_come_back() {
+        let mut book = book(&[(1, 1)]);
+        let mail = book.reserve_for("mail");
+        assert_eq!(mail, vec![(uuid::Uuid::from_u128(1), 1)]);
+        assert!(book.reserve_for("probe").is_empty());
+        assert!(book.reserve_for("probe").is_empty(), "listed once");
+        assert_eq!(
+            book.settle("mail", &mail, &HashMap::new()),
+            vec!["probe"],
+            "the slot came back unused"
+        );
+        // Used, it does not come back: nobody is woken, and the waiting queue stays listed.
+        let mail = book.reserve_for("mail");
+        assert!(book.reserve_for("probe").is_empty());
+        let used = HashMap::from([(uuid::Uuid::from_u128(1), 1)]);
+        assert!(book.settle("mail", &mail, &used).is_empty());
+        book.release(uuid::Uuid::from_u128(1), 1);
+        let again = book.reserve_for("mail");
+        assert_eq!(book.settle("mail", &again, &HashMap::new()), vec!["probe"]);
+        // A claim's own queue is not woken by it: its fetcher claims again by itself.
+        let first = book.reserve_for("probe");
+        assert!(book.reserve_for("probe").is_empty());
+        assert!(book.settle("probe", &first, &HashMap::new()).is_empty());
+    }
+
     #[test]
     fn lapsed_grants_are_not_used() {
         let mut book = book(&[(1, 3)]);
@@ -1678,7 +1748,7 @@ mod tests {
     fn a_shrunk_grant_is_reported_at_what_may_still_be_held_until_the_jobs_finish() {
         let mut book = book(&[(1, 4)]);
         let rooms = book.reserve(10);
-        book.settle(&rooms, &HashMap::from([(uuid::Uuid::from_u128(1), 4)]));
+        book.settle("q", &rooms, &HashMap::from([(uuid::Uuid::from_u128(1), 4)]));
         // Told to keep 2: the 4 running stay reported until they finish.
         book.apply(
             &HashMap::from([(uuid::Uuid::from_u128(1), 2)]),
@@ -1704,7 +1774,7 @@ mod tests {
         for _ in 0..3 {
             let rooms = book.reserve(1);
             seen.extend(rooms.iter().map(|(t, _)| *t));
-            book.settle(&rooms, &HashMap::new());
+            book.settle("q", &rooms, &HashMap::new());
         }
         assert_eq!(seen.len(), 3);
     }
