@@ -663,6 +663,56 @@ async fn a_per_tenant_override_beats_the_default() {
     assert_eq!(maxes, vec![(tenant.as_uuid(), 1)]);
 }
 
+/// A tenant's next job starts as soon as its running job's handler returns, not when that
+/// job's completion is written or at the next poll: the slot is free then. Here the first
+/// job's completion cannot be written (its row is held), nothing is enqueued meanwhile and
+/// the poll is 30 s away, so only the returned slot can start the second job.
+#[tokio::test]
+async fn a_returned_tenant_slot_starts_the_tenants_next_job_at_once() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let tenant = tenant_limited_to_one(&db).await;
+    let _w = spawn_worker(
+        &db,
+        opts(|q| {
+            q.tenant_concurrency = Some(4);
+            q.poll_interval = Duration::from_secs(30);
+        }),
+    )
+    .await;
+    let first = enqueue_probe(
+        &queue,
+        Probe {
+            tenant: Some(tenant),
+            sleep_ms: 1500,
+            ..Probe::default()
+        },
+        EnqueueOptions::default(),
+    )
+    .await;
+    wait_status(&queue, first, "running", Duration::from_secs(30)).await;
+    let holder = hold_row(&db, first.get()).await;
+    let second = enqueue_probe(
+        &queue,
+        Probe {
+            tenant: Some(tenant),
+            ..Probe::default()
+        },
+        EnqueueOptions::default(),
+    )
+    .await;
+    // The enqueue's wake-up finds the tenant at its limit; the claim after it comes back empty.
+    assert_eq!(job(&queue, second).await.status, "pending");
+    wait_status(&queue, second, "done", Duration::from_secs(10)).await;
+    assert_eq!(
+        job(&queue, first).await.status,
+        "running",
+        "the first job's completion was still waiting for its row"
+    );
+    holder.rollback().await.unwrap();
+    wait_status(&queue, first, "done", Duration::from_secs(30)).await;
+}
+
 /// A new tenant's first job starts once its slots are granted, not at the next poll. The
 /// grant wakes every queue's fetchers, and each claim reserves every free slot whatever its
 /// queue; a probe fetcher that found the slot reserved by another queue's claim used to sleep

@@ -134,6 +134,8 @@ struct Inflight {
     executing: bool,
     /// Holds one of this tenant's granted slots while the handler runs.
     tenant: Option<uuid::Uuid>,
+    /// Whose fetchers a returned slot wakes: the tenant's next job is likeliest there.
+    queue: &'static str,
 }
 
 /// This process's share of each tenant's limit (see [`TENANT_CLAIM_LOCK`]). `held` counts the
@@ -915,6 +917,7 @@ async fn fetch_loop<J: JobKind>(
                         attempt: row.attempts,
                         executing: true,
                         tenant: row.tenant_id,
+                        queue: J::QUEUE,
                     },
                 );
             }
@@ -961,12 +964,14 @@ async fn fetch_loop<J: JobKind>(
             }
         }
         // With tenant limits a short claim means every tenant with work here is at its
-        // granted slots: claiming again at once would take the odd slot freed meanwhile, one
-        // claim per few jobs. The next local flush or an enqueue wakes it instead, and an
-        // empty claim asks for a grant sync now, since the work may be a tenant this process
-        // holds no slots of yet. Not when every granted slot was in use: under load that was
-        // dozens of syncs a second per process, each a few ms of the database's time under
-        // one lock, and the periodic sync finds new tenants then.
+        // granted slots. The next claim waits for a slot to come back (a handler of this
+        // queue returning; one that returned during the claim counts), a local flush, an
+        // enqueue or a new grant. Waiting for the flush alone, as when slots were counted in
+        // the database, left a slot idle for a commit's round trip. An empty claim asks
+        // for a grant sync now, since the work may be a tenant this process holds no slots
+        // of yet. Not when every granted slot was in use: under load that was dozens of
+        // syncs a second per process, each a few ms of the database's time under one lock,
+        // and the periodic sync finds new tenants then.
         if limited && got == 0 && !saturated {
             inner.grant_sync_wanted.notify_one();
         }
@@ -1018,16 +1023,24 @@ fn finish_execution(inner: &Inner, id: i64, attempt: i32) {
     let (counted, freed) = match inflight.get_mut(&id) {
         Some(job) if job.attempt == attempt => {
             let was = std::mem::replace(&mut job.executing, false);
-            (was, job.tenant.filter(|_| was))
+            (was, job.tenant.filter(|_| was).map(|t| (t, job.queue)))
         }
         // A newer run of the same job (same tenant) replaced this one's entry.
-        Some(job) => (true, job.tenant),
+        Some(job) => (true, job.tenant.map(|t| (t, job.queue))),
         // Forgotten (handed back at shutdown): its count came off then.
         None => (false, None),
     };
     drop(inflight);
-    if let Some(tenant) = freed {
+    if let Some((tenant, queue)) = freed
+        && inner.settings.tenant_concurrency.is_some()
+    {
         inner.grants.lock().expect("poisoned").release(tenant, 1);
+        // A fetcher of the queue whose last claim was short (the tenant at its slots) claims
+        // again; one claiming now finds the wake-up stored and claims once more after.
+        let waker = inner.wakers.lock().expect("poisoned").get(queue).cloned();
+        if let Some(w) = waker {
+            w.notify_one();
+        }
     }
     if counted && inner.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
         inner.execution_drained.notify_waiters();
