@@ -247,10 +247,14 @@ impl GrantBook {
         wake
     }
 
-    fn release(&mut self, tenant: uuid::Uuid, n: u32) {
-        if let Some(slots) = self.tenants.get_mut(&tenant) {
-            slots.held = slots.held.saturating_sub(n);
-        }
+    /// Returns whether the tenant had no free slot before: a claim may have passed it by.
+    fn release(&mut self, tenant: uuid::Uuid, n: u32) -> bool {
+        let Some(slots) = self.tenants.get_mut(&tenant) else {
+            return false;
+        };
+        let was_full = slots.held >= slots.granted;
+        slots.held = slots.held.saturating_sub(n);
+        was_full
     }
 
     /// What to report to a sync: each tenant with the most this process may hold of it until
@@ -1034,12 +1038,16 @@ fn finish_execution(inner: &Inner, id: i64, attempt: i32) {
     if let Some((tenant, queue)) = freed
         && inner.settings.tenant_concurrency.is_some()
     {
-        inner.grants.lock().expect("poisoned").release(tenant, 1);
-        // A fetcher of the queue whose last claim was short (the tenant at its slots) claims
-        // again; one claiming now finds the wake-up stored and claims once more after.
-        let waker = inner.wakers.lock().expect("poisoned").get(queue).cloned();
-        if let Some(w) = waker {
-            w.notify_one();
+        let was_full = inner.grants.lock().expect("poisoned").release(tenant, 1);
+        // The tenant was at its slots, so a claim of its queue may have left its jobs behind:
+        // a fetcher there claims again (one claiming now finds the wake-up stored). Not for a
+        // tenant with slots to spare: on a quiet queue every finished job then set off an
+        // empty claim, which delayed the next job's start.
+        if was_full {
+            let waker = inner.wakers.lock().expect("poisoned").get(queue).cloned();
+            if let Some(w) = waker {
+                w.notify_one();
+            }
         }
     }
     if counted && inner.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -1694,9 +1702,16 @@ mod tests {
         let claimed = HashMap::from([(uuid::Uuid::from_u128(1), 1)]);
         book.settle("q", &rooms, &claimed);
         assert_eq!(held(&book, 1), 1);
-        book.release(uuid::Uuid::from_u128(1), 1);
+        assert!(
+            !book.release(uuid::Uuid::from_u128(1), 1),
+            "it had slots to spare"
+        );
         assert_eq!(held(&book, 1), 0);
         assert_eq!(book.reserve(10), vec![(uuid::Uuid::from_u128(1), 3)]);
+        assert!(
+            book.release(uuid::Uuid::from_u128(1), 1),
+            "every slot was held: a claim may have passed the tenant by"
+        );
     }
 
     /// An empty claim asks for a grant sync unless every granted slot was in use: a process
