@@ -968,14 +968,14 @@ async fn fetch_loop<J: JobKind>(
             }
         }
         // With tenant limits a short claim means every tenant with work here is at its
-        // granted slots. The next claim waits for a slot to come back (a handler of this
-        // queue returning; one that returned during the claim counts), a local flush, an
-        // enqueue or a new grant. Waiting for the flush alone, as when slots were counted in
-        // the database, left a slot idle for a commit's round trip. An empty claim asks
-        // for a grant sync now, since the work may be a tenant this process holds no slots
-        // of yet. Not when every granted slot was in use: under load that was dozens of
-        // syncs a second per process, each a few ms of the database's time under one lock,
-        // and the periodic sync finds new tenants then.
+        // granted slots. The next claim waits for one of them to come back (a handler of this
+        // queue returning the slot of a tenant that had none free; one that returned during
+        // the claim counts), a local flush, an enqueue or a new grant. Waiting for the flush
+        // alone, as when slots were counted in the database, left a slot idle for a commit's
+        // round trip. An empty claim asks for a grant sync now, since the work may be a
+        // tenant this process holds no slots of yet. Not when every granted slot was in use:
+        // under load that was dozens of syncs a second per process, each a few ms of the
+        // database's time under one lock, and the periodic sync finds new tenants then.
         if limited && got == 0 && !saturated {
             inner.grant_sync_wanted.notify_one();
         }
