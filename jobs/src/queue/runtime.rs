@@ -153,11 +153,11 @@ struct GrantBook {
     rotation: usize,
     /// Slots reserved by claims on their way (part of the tenants' `held`).
     reserved: u32,
-    /// Queues whose fetcher found no free slot while other claims held reservations: the
-    /// slots those claims give back unused are theirs to try. A claim reserves every free
-    /// slot, whatever the tenant's jobs' queue, so without this a tenant's first job waited
-    /// for its fetcher's poll whenever another queue's claim was on its way when the grant
-    /// arrived (every queue's fetchers wake on a new grant).
+    /// Queues that claimed while other claims held reservations, so without the slots those
+    /// claims give back unused: they are theirs to try. A claim reserves every free slot,
+    /// whatever the tenant's jobs' queue, so without this a tenant's first job waited for its
+    /// fetcher's poll whenever another queue's claim was on its way when the grant arrived
+    /// (every queue's fetchers wake on a new grant).
     starved: Vec<&'static str>,
 }
 
@@ -208,11 +208,13 @@ impl GrantBook {
         rooms
     }
 
-    /// Reserves every free slot for a claim in `queue`. Empty while other claims hold
-    /// reservations: `queue` is then woken when they give some back.
+    /// Reserves every free slot for a claim in `queue`. While other claims hold
+    /// reservations this one goes without those slots (possibly with none at all): `queue`
+    /// is then woken when they give some back.
     fn reserve_for(&mut self, queue: &'static str) -> Vec<(uuid::Uuid, i32)> {
+        let others_hold_some = self.reserved > 0;
         let rooms = self.reserve(usize::MAX);
-        if rooms.is_empty() && self.reserved > 0 && !self.starved.contains(&queue) {
+        if others_hold_some && !self.starved.contains(&queue) {
             self.starved.push(queue);
         }
         rooms
@@ -224,8 +226,8 @@ impl GrantBook {
     }
 
     /// Gives back the reserved slots a claim did not fill. Returns the queues to wake: those
-    /// that found nothing free meanwhile, when some slot came back, except the claim's own
-    /// (its fetcher claims again itself when there may be more).
+    /// that claimed without some slots meanwhile, when some slot came back, except the
+    /// claim's own (its fetcher claims again itself when there may be more).
     fn settle(
         &mut self,
         queue: &'static str,
@@ -1736,11 +1738,11 @@ mod tests {
         );
     }
 
-    /// Every queue's fetchers claim within the same slots. One that finds them all reserved
-    /// by another queue's claim is woken when that claim gives them back unused; without
+    /// Every queue's fetchers claim within the same slots. One that claims while another
+    /// queue's claim holds some is woken when that claim gives them back unused; without
     /// that, a tenant's first job waited for its fetcher's next poll.
     #[test]
-    fn a_queue_that_found_every_slot_reserved_is_woken_when_they_come_back() {
+    fn a_queue_that_claimed_without_reserved_slots_is_woken_when_they_come_back() {
         let mut book = book(&[(1, 1)]);
         let mail = book.reserve_for("mail");
         assert_eq!(mail, vec![(uuid::Uuid::from_u128(1), 1)]);
@@ -1763,6 +1765,16 @@ mod tests {
         let first = book.reserve_for("probe");
         assert!(book.reserve_for("probe").is_empty());
         assert!(book.settle("probe", &first, &HashMap::new()).is_empty());
+        // A claim that got some slots but not those another claim held (the tenant granted
+        // while that claim was on its way) is woken too.
+        let mail = book.reserve_for("mail");
+        let both = HashMap::from([(uuid::Uuid::from_u128(1), 1), (uuid::Uuid::from_u128(2), 1)]);
+        book.apply(&both, Instant::now() + Duration::from_secs(60));
+        assert_eq!(
+            book.reserve_for("probe"),
+            vec![(uuid::Uuid::from_u128(2), 1)]
+        );
+        assert_eq!(book.settle("mail", &mail, &HashMap::new()), vec!["probe"]);
     }
 
     #[test]
