@@ -845,10 +845,7 @@ async fn claim(
         .expect("poisoned")
         .settle(queue, &rooms, &per_tenant);
     for q in starved {
-        let waker = inner.wakers.lock().expect("poisoned").get(q).cloned();
-        if let Some(w) = waker {
-            w.notify_one();
-        }
+        wake_queue(inner, q);
     }
     (claimed, saturated)
 }
@@ -1046,10 +1043,7 @@ fn finish_execution(inner: &Inner, id: i64, attempt: i32) {
         // tenant with slots to spare: on a quiet queue every finished job then set off an
         // empty claim, which delayed the next job's start.
         if was_full {
-            let waker = inner.wakers.lock().expect("poisoned").get(queue).cloned();
-            if let Some(w) = waker {
-                w.notify_one();
-            }
+            wake_queue(inner, queue);
         }
     }
     if counted && inner.executing.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -1298,12 +1292,7 @@ async fn listen_loop(inner: Arc<Inner>) {
         loop {
             tokio::select! {
                 n = listener.recv() => match n {
-                    Ok(n) => {
-                        let waker = inner.wakers.lock().expect("poisoned").get(n.payload()).cloned();
-                        if let Some(w) = waker {
-                            w.notify_one();
-                        }
-                    }
+                    Ok(n) => wake_queue(&inner, n.payload()),
                     Err(e) => {
                         warn!(error = ?e, "LISTEN connection lost; reconnecting");
                         break;
@@ -1312,6 +1301,14 @@ async fn listen_loop(inner: Arc<Inner>) {
                 () = inner.stop_background.cancelled() => return,
             }
         }
+    }
+}
+
+/// Wakes one fetcher of `queue` (or the next to wait), if this process runs it.
+fn wake_queue(inner: &Inner, queue: &str) {
+    let waker = inner.wakers.lock().expect("poisoned").get(queue).cloned();
+    if let Some(w) = waker {
+        w.notify_one();
     }
 }
 
