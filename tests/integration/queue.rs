@@ -663,32 +663,6 @@ async fn a_per_tenant_override_beats_the_default() {
     assert_eq!(maxes, vec![(tenant.as_uuid(), 1)]);
 }
 
-/// A tenant's next job starts as soon as its running job's handler returns, not when that
-/// job's completion is written or at the next poll: the slot is free then. Here the first
-/// job's completion cannot be written (its row is held), nothing is enqueued meanwhile and
-/// the poll is 30 s away, so only the returned slot can start the second job.
-#[tokio::test]
-async fn a_returned_tenant_slot_starts_the_tenants_next_job_at_once() {
-    let db = TestDb::new().await;
-    let queue = Queue::new(db.pool.clone());
-    let tenant = tenant_limited_to_one(&db).await;
-    let _w = worker_polling_every_30s(&db, 4).await;
-    let first = enqueue_tenant_probe(&queue, tenant, 1500).await;
-    wait_status(&queue, first, "running", Duration::from_secs(30)).await;
-    let holder = hold_row(&db, first.get()).await;
-    let second = enqueue_tenant_probe(&queue, tenant, 0).await;
-    // The enqueue's wake-up finds the tenant at its limit; the claim after it comes back empty.
-    assert_eq!(job(&queue, second).await.status, "pending");
-    wait_status(&queue, second, "done", Duration::from_secs(10)).await;
-    assert_eq!(
-        job(&queue, first).await.status,
-        "running",
-        "the first job's completion was still waiting for its row"
-    );
-    holder.rollback().await.unwrap();
-    wait_status(&queue, first, "done", Duration::from_secs(30)).await;
-}
-
 /// A new tenant's first job starts once its slots are granted, not at the next poll. The
 /// grant wakes every queue's fetchers, and each claim reserves every free slot whatever its
 /// queue; a probe fetcher that found the slot reserved by another queue's claim used to sleep
@@ -2141,7 +2115,8 @@ async fn a_stopping_worker_gives_back_its_slots_but_those_of_jobs_left_running()
 /// A tenant's slot is free once its handler returns: the limit bounds handlers running, so a
 /// completion that cannot be written yet (here its row is held by another transaction, and
 /// the flush skips it) does not hold the tenant's next job back. Slots used to be held until
-/// the completion was flushed.
+/// the completion was flushed, and then the returned slot woke no fetcher: with the poll 30 s
+/// away and nothing enqueued meanwhile, only that wake-up starts the next job in time.
 #[tokio::test]
 async fn a_tenants_next_job_starts_while_the_last_ones_completion_waits_to_be_written() {
     let db = TestDb::new().await;
@@ -2154,7 +2129,7 @@ async fn a_tenants_next_job_starts_while_the_last_ones_completion_waits_to_be_wr
         ..Probe::default()
     };
     let first = enqueue_probe(&queue, probe(500), EnqueueOptions::default()).await;
-    let _worker = worker_with(&db, 10, |q| q.tenant_concurrency = Some(1)).await;
+    let _worker = worker_polling_every_30s(&db, 1).await;
     wait_status(&queue, first, "running", Duration::from_secs(30)).await;
     let holder = hold_row(&db, first.get()).await;
     let second = enqueue_probe(&queue, probe(0), EnqueueOptions::default()).await;
