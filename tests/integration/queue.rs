@@ -347,32 +347,17 @@ fn worker_names_are_unique_per_process_start() {
 /// about 100 ms, and the first completions of a 20,000-job burst waited that long.
 #[tokio::test]
 async fn an_idle_worker_holds_its_claim_and_completion_connections_open() {
-    use jobs::queue::runtime::{CLAIM_CONNECTION_NAME, COMPLETION_CONNECTION_NAME};
     let db = TestDb::new().await;
     let _w = spawn_worker(&db, opts(|q| q.poll_interval = Duration::from_secs(30))).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let open: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT application_name, count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = ANY ($1)
-             GROUP BY application_name ORDER BY application_name",
-        )
-        .bind([CLAIM_CONNECTION_NAME, COMPLETION_CONNECTION_NAME])
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-        let expected = vec![
-            (CLAIM_CONNECTION_NAME.to_string(), 4),
-            (COMPLETION_CONNECTION_NAME.to_string(), 4),
-        ];
-        if open == expected {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no job has run, yet the worker should hold 4 claim and 4 completion connections: {open:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // No job has run: these were opened at start (the names are the runtime's
+    // CLAIM_CONNECTION_NAME and COMPLETION_CONNECTION_NAME, as ops see them).
+    for query in [
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+           AND application_name = 'graphdesk-worker-claims'",
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+           AND application_name = 'graphdesk-worker-completions'",
+    ] {
+        wait_for_count(&db.pool, query, 4, Duration::from_secs(20)).await;
     }
 }
 

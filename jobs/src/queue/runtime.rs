@@ -368,8 +368,8 @@ const MAX_FLUSHES: usize = 4;
 
 /// `application_name` of the claim and completion connections, so ops can tell them apart in
 /// `pg_stat_activity`.
-pub const CLAIM_CONNECTION_NAME: &str = "graphdesk-worker-claims";
-pub const COMPLETION_CONNECTION_NAME: &str = "graphdesk-worker-completions";
+const CLAIM_CONNECTION_NAME: &str = "graphdesk-worker-claims";
+const COMPLETION_CONNECTION_NAME: &str = "graphdesk-worker-completions";
 
 /// Connections for claims only, with [`CLAIM_SESSION`]'s settings.
 fn claim_pool(pool: &PgPool) -> PgPool {
