@@ -373,32 +373,27 @@ const COMPLETION_CONNECTION_NAME: &str = "graphdesk-worker-completions";
 
 /// Connections for claims only, with [`CLAIM_SESSION`]'s settings.
 fn claim_pool(pool: &PgPool) -> PgPool {
-    let options = (*pool.connect_options())
-        .clone()
-        .options(CLAIM_SESSION)
-        .application_name(CLAIM_CONNECTION_NAME);
-    always_open_pool(options, CLAIM_CONNECTIONS)
+    let options = (*pool.connect_options()).clone().options(CLAIM_SESSION);
+    always_open_pool(options, CLAIM_CONNECTION_NAME, CLAIM_CONNECTIONS)
 }
 
 /// Connections for completion flushes only, one per flush in the air.
 fn completion_pool(pool: &PgPool) -> PgPool {
-    let options = (*pool.connect_options())
-        .clone()
-        .application_name(COMPLETION_CONNECTION_NAME);
-    always_open_pool(options, MAX_FLUSHES as u32)
+    let options = (*pool.connect_options()).clone();
+    always_open_pool(options, COMPLETION_CONNECTION_NAME, MAX_FLUSHES as u32)
 }
 
-/// A pool whose `size` connections are opened at start, in the background (by [`open_all`]),
-/// and kept open: `min_connections` reopens one the idle timeout recycles. A burst of jobs
-/// otherwise opened them while the database was busiest: a new backend then took about 100 ms
-/// to start on two busy cores, and the first completions of 20,000 no-op jobs waited that long
-/// for a connection, a fifth of the whole run.
-fn always_open_pool(options: sqlx::postgres::PgConnectOptions, size: u32) -> PgPool {
+/// A pool of `size` connections named `name`, opened at start, in the background (by
+/// [`open_all`]), and kept open: `min_connections` reopens one the idle timeout recycles. A
+/// burst of jobs otherwise opened them while the database was busiest: a new backend then took
+/// about 100 ms to start on two busy cores, and the first completions of 20,000 no-op jobs
+/// waited that long for a connection, a fifth of the whole run.
+fn always_open_pool(options: sqlx::postgres::PgConnectOptions, name: &str, size: u32) -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(size)
         .min_connections(size)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with(options)
+        .connect_lazy_with(options.application_name(name))
 }
 
 /// Opens every connection of `pool` (a lazy pool opens none until asked). A database out of
