@@ -1014,7 +1014,7 @@ async fn vacuum_analyze_queue(db: &TestDb) {
 /// a flush of 2,000 completions took seconds on a busy table.
 #[tokio::test]
 async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
-    use jobs::queue::runtime::{COMPLETE_JOBS, RELEASE_JOBS, RENEW_LEASES};
+    use jobs::queue::runtime::{COMPLETE_JOBS, COMPLETE_SUCCESSES, RELEASE_JOBS, RENEW_LEASES};
     let db = TestDb::new().await;
     // Statistics of a queue that has only finished work, as autovacuum would take them.
     sqlx::query(
@@ -1061,6 +1061,14 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
+    let complete_successes: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(plan(COMPLETE_SUCCESSES)))
+            .bind(&ids)
+            .bind(&ones)
+            .bind("w")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     let renew: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(plan(RENEW_LEASES)))
         .bind(&ids)
         .bind(30.0_f64)
@@ -1077,6 +1085,7 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
         .unwrap();
     for (name, lines) in [
         ("complete", complete),
+        ("complete successes", complete_successes),
         ("renew", renew),
         ("release", release),
     ] {
@@ -1223,6 +1232,39 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
             .await
             .unwrap();
     assert_eq!(statuses, vec!["running", "done", "pending"]);
+}
+
+/// The flush of a batch of plain successes uses its own statement, which must skip a held
+/// row the same way: applied for the others, reported back for the held one, never waited for.
+#[tokio::test]
+async fn a_flush_of_successes_only_skips_rows_another_statement_holds() {
+    use jobs::queue::runtime::COMPLETE_SUCCESSES;
+    let HeldRow {
+        db,
+        ids,
+        holder,
+        conn: mut flusher,
+    } = first_row_held(3).await;
+    let mut outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_SUCCESSES)
+        .bind(&ids)
+        .bind(vec![1_i32; ids.len()])
+        .bind("w")
+        .fetch_all(&mut flusher)
+        .await
+        .expect("the flush waited for the held row");
+    outcome.sort();
+    assert_eq!(
+        outcome,
+        vec![(ids[0], false), (ids[1], true), (ids[2], true)]
+    );
+    holder.rollback().await.unwrap();
+    let statuses: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
+            .bind(&ids)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(statuses, vec!["running", "done", "done"]);
 }
 
 /// A recorded probe of `sleep_ms` running on one worker (leases of 30 s), its row held by
@@ -1508,6 +1550,39 @@ async fn a_completion_from_a_worker_that_no_longer_holds_the_job_is_not_applied(
         .await
         .unwrap();
     assert_eq!(outcome, vec![], "neither applied nor reported as held");
+    let statuses: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
+            .bind(&ids)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(statuses, vec!["running", "running"]);
+}
+
+/// The same compare-and-set in the successes-only flush: a success reported by a worker that
+/// no longer holds the job, or for an earlier attempt, is neither applied nor reported held.
+#[tokio::test]
+async fn a_success_from_a_stale_run_is_not_applied() {
+    use jobs::queue::runtime::COMPLETE_SUCCESSES;
+    let db = TestDb::new().await;
+    // Held by worker `w`, attempt 1.
+    let ids = running_jobs(&db, 2).await;
+    let by_another_worker: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_SUCCESSES)
+        .bind(&ids[..1])
+        .bind(vec![1_i32])
+        .bind("another-worker")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(by_another_worker, vec![], "another worker's success");
+    let earlier_attempt: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_SUCCESSES)
+        .bind(&ids[1..])
+        .bind(vec![0_i32])
+        .bind("w")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(earlier_attempt, vec![], "an earlier attempt's success");
     let statuses: Vec<String> =
         sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
             .bind(&ids)

@@ -718,6 +718,31 @@ pub const COMPLETE_JOBS: &str = "WITH held AS (
                                  EXCEPT SELECT h.id FROM held h))
            AND coalesce(q.status, '') = 'running' AND q.locked_by = $11";
 
+/// [`COMPLETE_JOBS`] for a batch of plain successes only, which nearly every batch is:
+/// `$1, $2` (id, attempt), `$3` this worker; the same rows held elsewhere skipped, the same
+/// compare-and-set and the same answer. Without the branches for failures it costs less to
+/// plan (each completion connection plans a statement for its first five runs, about 2 ms
+/// each for the full one on a busy server) and to run.
+pub const COMPLETE_SUCCESSES: &str = "WITH held AS (
+            SELECT j.id FROM queue_jobs j
+            WHERE j.id = ANY ($1::bigint[]) AND coalesce(j.status, '') = 'running'
+              AND j.locked_by = $3
+            FOR UPDATE SKIP LOCKED
+         ), plain AS (
+            UPDATE queue_jobs j SET status = 'done', finished_at = now(),
+                locked_by = NULL, lease_expires_at = NULL, updated_at = now()
+            FROM (SELECT * FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt)
+                  WHERE u.id IN (SELECT h.id FROM held h)) AS c
+            WHERE j.id = c.id AND j.attempts = c.attempt AND coalesce(j.status, '') = 'running'
+            RETURNING j.id
+         )
+         SELECT id, true FROM plain
+         UNION ALL
+         SELECT q.id, false FROM queue_jobs q
+         WHERE q.id = ANY (ARRAY(SELECT u.id FROM unnest($1::bigint[]) AS u(id)
+                                 EXCEPT SELECT h.id FROM held h))
+           AND coalesce(q.status, '') = 'running' AND q.locked_by = $3";
+
 /// Renews the leases of `$1` (ids) held by worker `$3` for `$2` seconds. A row another
 /// statement has locked is skipped, not waited for: that is a flush completing the job (or the
 /// reaper or an ops action taking it), and the next heartbeat renews it if that rolls back.
@@ -1270,6 +1295,15 @@ async fn flush(
         .partition(|c| c.outcome == Outcome::Done && c.error.is_none());
     let plain_ids: Vec<i64> = plain.iter().map(|c| c.id).collect();
     let plain_attempts: Vec<i32> = plain.iter().map(|c| c.attempt).collect();
+    if eventful.is_empty() {
+        return sqlx::query_as(COMPLETE_SUCCESSES)
+            .bind(&plain_ids)
+            .bind(&plain_attempts)
+            .bind(worker_id)
+            .fetch_all(pool)
+            .await
+            .ctx("complete");
+    }
     let n = eventful.len();
     let mut ids = Vec::with_capacity(n);
     let mut attempts = Vec::with_capacity(n);
