@@ -1143,6 +1143,25 @@ async fn first_row_held(n: i64) -> HeldRow {
     }
 }
 
+/// The statuses of `ids`, in id order.
+async fn statuses(db: &TestDb, ids: &[i64]) -> Vec<String> {
+    sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
+        .bind(ids)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// A flush's answer for three jobs whose first row another statement holds: that one
+/// reported back to be sent again, the other two applied.
+fn assert_first_held_rest_applied(mut outcome: Vec<(i64, bool)>, ids: &[i64]) {
+    outcome.sort();
+    assert_eq!(
+        outcome,
+        vec![(ids[0], false), (ids[1], true), (ids[2], true)]
+    );
+}
+
 /// A connection that gives up waiting for a lock after 3 s, so a statement that waits fails
 /// instead of hanging. Detached from the pool: the setting must not outlive the test's use.
 async fn impatient_connection(db: &TestDb) -> sqlx::PgConnection {
@@ -1204,7 +1223,7 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
     } = first_row_held(3).await;
     // The first two are plain successes, the third a retry.
     let retry_at = Utc::now() + chrono::Duration::minutes(5);
-    let mut outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_JOBS)
+    let outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_JOBS)
         .bind(vec![ids[2]])
         .bind(vec![1_i32])
         .bind(vec!["pending"])
@@ -1219,19 +1238,12 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
         .fetch_all(&mut flusher)
         .await
         .expect("the flush waited for the held row");
-    outcome.sort();
-    assert_eq!(
-        outcome,
-        vec![(ids[0], false), (ids[1], true), (ids[2], true)]
-    );
+    assert_first_held_rest_applied(outcome, &ids);
     holder.rollback().await.unwrap();
-    let statuses: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
-            .bind(&ids)
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(statuses, vec!["running", "done", "pending"]);
+    assert_eq!(
+        statuses(&db, &ids).await,
+        vec!["running", "done", "pending"]
+    );
 }
 
 /// The flush of a batch of plain successes uses its own statement, which must skip a held
@@ -1245,26 +1257,16 @@ async fn a_flush_of_successes_only_skips_rows_another_statement_holds() {
         holder,
         conn: mut flusher,
     } = first_row_held(3).await;
-    let mut outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_SUCCESSES)
+    let outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_SUCCESSES)
         .bind(&ids)
         .bind(vec![1_i32; ids.len()])
         .bind("w")
         .fetch_all(&mut flusher)
         .await
         .expect("the flush waited for the held row");
-    outcome.sort();
-    assert_eq!(
-        outcome,
-        vec![(ids[0], false), (ids[1], true), (ids[2], true)]
-    );
+    assert_first_held_rest_applied(outcome, &ids);
     holder.rollback().await.unwrap();
-    let statuses: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
-            .bind(&ids)
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(statuses, vec!["running", "done", "done"]);
+    assert_eq!(statuses(&db, &ids).await, vec!["running", "done", "done"]);
 }
 
 /// A recorded probe of `sleep_ms` running on one worker (leases of 30 s), its row held by
@@ -1550,13 +1552,7 @@ async fn a_completion_from_a_worker_that_no_longer_holds_the_job_is_not_applied(
         .await
         .unwrap();
     assert_eq!(outcome, vec![], "neither applied nor reported as held");
-    let statuses: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
-            .bind(&ids)
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(statuses, vec!["running", "running"]);
+    assert_eq!(statuses(&db, &ids).await, vec!["running", "running"]);
 }
 
 /// The same compare-and-set in the successes-only flush: a success reported by a worker that
@@ -1583,13 +1579,7 @@ async fn a_success_from_a_stale_run_is_not_applied() {
         .await
         .unwrap();
     assert_eq!(earlier_attempt, vec![], "an earlier attempt's success");
-    let statuses: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
-            .bind(&ids)
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(statuses, vec!["running", "running"]);
+    assert_eq!(statuses(&db, &ids).await, vec!["running", "running"]);
 }
 
 /// At most one job is pending per coalesce key, and the unique index enforces it. An ops
