@@ -1143,6 +1143,21 @@ async fn first_row_held(n: i64) -> HeldRow {
     }
 }
 
+/// Runs the successes-only flush statement for `ids` at `attempts` as `worker`.
+async fn complete_successes<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    ids: &[i64],
+    attempts: &[i32],
+    worker: &str,
+) -> Result<Vec<(i64, bool)>, sqlx::Error> {
+    sqlx::query_as(jobs::queue::runtime::COMPLETE_SUCCESSES)
+        .bind(ids)
+        .bind(attempts)
+        .bind(worker)
+        .fetch_all(db)
+        .await
+}
+
 /// The statuses of `ids`, in id order.
 async fn statuses(db: &TestDb, ids: &[i64]) -> Vec<String> {
     sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
@@ -1250,18 +1265,13 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
 /// row the same way: applied for the others, reported back for the held one, never waited for.
 #[tokio::test]
 async fn a_flush_of_successes_only_skips_rows_another_statement_holds() {
-    use jobs::queue::runtime::COMPLETE_SUCCESSES;
     let HeldRow {
         db,
         ids,
         holder,
         conn: mut flusher,
     } = first_row_held(3).await;
-    let outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_SUCCESSES)
-        .bind(&ids)
-        .bind(vec![1_i32; ids.len()])
-        .bind("w")
-        .fetch_all(&mut flusher)
+    let outcome = complete_successes(&mut flusher, &ids, &[1, 1, 1], "w")
         .await
         .expect("the flush waited for the held row");
     assert_first_held_rest_applied(outcome, &ids);
@@ -1559,23 +1569,14 @@ async fn a_completion_from_a_worker_that_no_longer_holds_the_job_is_not_applied(
 /// no longer holds the job, or for an earlier attempt, is neither applied nor reported held.
 #[tokio::test]
 async fn a_success_from_a_stale_run_is_not_applied() {
-    use jobs::queue::runtime::COMPLETE_SUCCESSES;
     let db = TestDb::new().await;
     // Held by worker `w`, attempt 1.
     let ids = running_jobs(&db, 2).await;
-    let by_another_worker: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_SUCCESSES)
-        .bind(&ids[..1])
-        .bind(vec![1_i32])
-        .bind("another-worker")
-        .fetch_all(&db.pool)
+    let by_another_worker = complete_successes(&db.pool, &ids[..1], &[1], "another-worker")
         .await
         .unwrap();
     assert_eq!(by_another_worker, vec![], "another worker's success");
-    let earlier_attempt: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_SUCCESSES)
-        .bind(&ids[1..])
-        .bind(vec![0_i32])
-        .bind("w")
-        .fetch_all(&db.pool)
+    let earlier_attempt = complete_successes(&db.pool, &ids[1..], &[0], "w")
         .await
         .unwrap();
     assert_eq!(earlier_attempt, vec![], "an earlier attempt's success");
