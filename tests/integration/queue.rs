@@ -1040,23 +1040,18 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    let ones = vec![1_i32; ids.len()];
-    let none_i64: Vec<i64> = Vec::new();
-    let none_i32: Vec<i32> = Vec::new();
-    let none_text: Vec<String> = Vec::new();
-    let none_at: Vec<DateTime<Utc>> = Vec::new();
+    let n = ids.len();
+    let ones = vec![1_i32; n];
     let plan = |sql: &str| format!("EXPLAIN {sql}");
     let complete: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(plan(COMPLETE_JOBS)))
-        .bind(&none_i64)
-        .bind(&none_i32)
-        .bind(&none_text)
-        .bind(&none_i32)
-        .bind(&none_at)
-        .bind(&none_text)
-        .bind(&none_text)
-        .bind(&none_at)
         .bind(&ids)
         .bind(&ones)
+        .bind(vec!["done"; n])
+        .bind(vec![0_i32; n])
+        .bind(vec![None::<DateTime<Utc>>; n])
+        .bind(vec![None::<String>; n])
+        .bind(vec!["done"; n])
+        .bind(vec![Utc::now(); n])
         .bind("w")
         .fetch_all(&db.pool)
         .await
@@ -1239,16 +1234,14 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
     // The first two are plain successes, the third a retry.
     let retry_at = Utc::now() + chrono::Duration::minutes(5);
     let outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_JOBS)
-        .bind(vec![ids[2]])
-        .bind(vec![1_i32])
-        .bind(vec!["pending"])
-        .bind(vec![0_i32])
-        .bind(vec![Some(retry_at)])
-        .bind(vec![Some("boom")])
-        .bind(vec!["retry"])
-        .bind(vec![Utc::now()])
-        .bind(&ids[..2])
-        .bind(vec![1_i32, 1])
+        .bind(&ids)
+        .bind(vec![1_i32; 3])
+        .bind(vec!["done", "done", "pending"])
+        .bind(vec![0_i32; 3])
+        .bind(vec![None, None, Some(retry_at)])
+        .bind(vec![None, None, Some("boom")])
+        .bind(vec!["done", "done", "retry"])
+        .bind(vec![Utc::now(); 3])
         .bind("w")
         .fetch_all(&mut flusher)
         .await
@@ -1547,16 +1540,14 @@ async fn a_completion_from_a_worker_that_no_longer_holds_the_job_is_not_applied(
     // Held by worker `w`, attempt 1.
     let ids = running_jobs(&db, 2).await;
     let outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_JOBS)
-        .bind(vec![ids[1]])
-        .bind(vec![1_i32])
-        .bind(vec!["dead"])
-        .bind(vec![0_i32])
-        .bind(vec![None::<DateTime<Utc>>])
-        .bind(vec![Some("boom")])
-        .bind(vec!["dead"])
-        .bind(vec![Utc::now()])
-        .bind(&ids[..1])
-        .bind(vec![1_i32])
+        .bind(&ids)
+        .bind(vec![1_i32; 2])
+        .bind(vec!["done", "dead"])
+        .bind(vec![0_i32; 2])
+        .bind(vec![None::<DateTime<Utc>>; 2])
+        .bind(vec![None, Some("boom")])
+        .bind(vec!["done", "dead"])
+        .bind(vec![Utc::now(); 2])
         .bind("another-worker")
         .fetch_all(&db.pool)
         .await

@@ -647,14 +647,8 @@ pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
 // 2,000 completions took 0.5 s to 7 s. The coalesce form (equivalent: status is NOT NULL)
 // leaves the primary key as the only way in. They are public so a test can check their plans.
 
-/// Completes a batch: `$1..$8` the eventful completions (id, attempt, status, refund, run_at,
-/// error, kind, at), `$9, $10` the plain successes (id, attempt), `$11` this worker. A job
-/// counts as this run's only while it is still locked by this worker at that attempt: the
-/// attempt alone can repeat (a hand-back refunds it; a claim lost with an unflushed commit
-/// never counted it), and a stale run's result must not land on another worker's newer run.
-/// Returns `(id, applied)`:
-/// `true` for each completion applied, `false` for a job still running whose row another
-/// statement holds, to be flushed again; a completion in neither lost its compare-and-set.
+/// The start of a completion statement: `held`, the rows of `$1` (ids) still running under
+/// the worker named by parameter `$worker`, locked unless another statement holds them.
 ///
 /// Rows another statement holds are skipped, never waited for. A plain claim can hold rows it
 /// does not claim: its snapshot may still see a job as pending that another claim has taken
@@ -662,19 +656,50 @@ pub async fn reap_expired(pool: &PgPool) -> Result<u64, QueueError> {
 /// updating them, SKIP LOCKED or not. A flush that waited for such a claim while the claim
 /// waited for it deadlocked (seen in the benchmark: Postgres broke it after a second, stalling
 /// the flush that long and failing the claim).
-pub const COMPLETE_JOBS: &str = "WITH held AS (
+macro_rules! completion_rows {
+    ($worker:literal) => {
+        concat!(
+            "WITH held AS (
             SELECT j.id FROM queue_jobs j
-            WHERE j.id = ANY ($9::bigint[] || $1::bigint[]) AND coalesce(j.status, '') = 'running'
-              AND j.locked_by = $11
+            WHERE j.id = ANY ($1::bigint[]) AND coalesce(j.status, '') = 'running'
+              AND j.locked_by = ",
+            $worker,
+            "
             FOR UPDATE SKIP LOCKED
-         ), plain AS (
-            UPDATE queue_jobs j SET status = 'done', finished_at = now(),
-                locked_by = NULL, lease_expires_at = NULL, updated_at = now()
-            FROM (SELECT * FROM unnest($9::bigint[], $10::int[]) AS u(id, attempt)
-                  WHERE u.id IN (SELECT h.id FROM held h)) AS c
-            WHERE j.id = c.id AND j.attempts = c.attempt AND coalesce(j.status, '') = 'running'
-            RETURNING j.id
-         ), c AS (
+         )"
+        )
+    };
+}
+
+/// The end of a completion statement: `(id, false)` for each job of `$1` still running under
+/// the worker `$worker` whose row `held` could not lock, to be flushed again.
+macro_rules! completions_held_elsewhere {
+    ($worker:literal) => {
+        concat!(
+            "
+         UNION ALL
+         SELECT q.id, false FROM queue_jobs q
+         WHERE q.id = ANY (ARRAY(SELECT u.id FROM unnest($1::bigint[]) AS u(id)
+                                 EXCEPT SELECT h.id FROM held h))
+           AND coalesce(q.status, '') = 'running' AND q.locked_by = ",
+            $worker
+        )
+    };
+}
+
+/// Completes a batch: `$1..$8` the completions (id, attempt, status, refund, run_at, error,
+/// kind, at), `$9` this worker. A batch of plain successes only goes through
+/// [`COMPLETE_SUCCESSES`] instead. A job
+/// counts as this run's only while it is still locked by this worker at that attempt: the
+/// attempt alone can repeat (a hand-back refunds it; a claim lost with an unflushed commit
+/// never counted it), and a stale run's result must not land on another worker's newer run.
+/// Returns `(id, applied)`:
+/// `true` for each completion applied, `false` for a job still running whose row another
+/// statement holds, to be flushed again; a completion in neither lost its compare-and-set.
+/// Rows another statement holds are skipped, never waited for (see `completion_rows!`).
+pub const COMPLETE_JOBS: &str = concat!(
+    completion_rows!("$9"),
+    ", c AS (
             SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[],
                                  $5::timestamptz[], $6::text[], $7::text[], $8::timestamptz[])
                    AS c(id, attempt, status, refund, run_at, error, kind, at)
@@ -693,7 +718,7 @@ pub const COMPLETE_JOBS: &str = "WITH held AS (
                         THEN 'cancelled' ELSE c.status END AS next
             FROM c JOIN queue_jobs j ON j.id = c.id
             WHERE j.attempts = c.attempt AND coalesce(j.status, '') = 'running'
-         ), eventful AS (
+         ), applied AS (
             UPDATE queue_jobs j SET
                 status = d.next,
                 attempts = j.attempts - d.refund,
@@ -711,24 +736,18 @@ pub const COMPLETE_JOBS: &str = "WITH held AS (
             WHERE j.id = d.id AND j.attempts = d.attempt AND coalesce(j.status, '') = 'running'
             RETURNING j.id
          )
-         SELECT id, true FROM plain UNION ALL SELECT id, true FROM eventful
-         UNION ALL
-         SELECT q.id, false FROM queue_jobs q
-         WHERE q.id = ANY (ARRAY(SELECT u.id FROM unnest($9::bigint[] || $1::bigint[]) AS u(id)
-                                 EXCEPT SELECT h.id FROM held h))
-           AND coalesce(q.status, '') = 'running' AND q.locked_by = $11";
+         SELECT id, true FROM applied",
+    completions_held_elsewhere!("$9")
+);
 
 /// [`COMPLETE_JOBS`] for a batch of plain successes only, which nearly every batch is:
 /// `$1, $2` (id, attempt), `$3` this worker; the same rows held elsewhere skipped, the same
-/// compare-and-set and the same answer. Without the branches for failures it costs less to
-/// plan (each completion connection plans a statement for its first five runs, about 2 ms
-/// each for the full one on a busy server) and to run.
-pub const COMPLETE_SUCCESSES: &str = "WITH held AS (
-            SELECT j.id FROM queue_jobs j
-            WHERE j.id = ANY ($1::bigint[]) AND coalesce(j.status, '') = 'running'
-              AND j.locked_by = $3
-            FOR UPDATE SKIP LOCKED
-         ), plain AS (
+/// compare-and-set and the same answer. With nothing to decide (no error history, no coalesce
+/// check) it costs less to plan (each completion connection plans a statement for its first
+/// five runs, about 2 ms each for the full one on a busy server) and to run.
+pub const COMPLETE_SUCCESSES: &str = concat!(
+    completion_rows!("$3"),
+    ", plain AS (
             UPDATE queue_jobs j SET status = 'done', finished_at = now(),
                 locked_by = NULL, lease_expires_at = NULL, updated_at = now()
             FROM (SELECT * FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt)
@@ -736,12 +755,9 @@ pub const COMPLETE_SUCCESSES: &str = "WITH held AS (
             WHERE j.id = c.id AND j.attempts = c.attempt AND coalesce(j.status, '') = 'running'
             RETURNING j.id
          )
-         SELECT id, true FROM plain
-         UNION ALL
-         SELECT q.id, false FROM queue_jobs q
-         WHERE q.id = ANY (ARRAY(SELECT u.id FROM unnest($1::bigint[]) AS u(id)
-                                 EXCEPT SELECT h.id FROM held h))
-           AND coalesce(q.status, '') = 'running' AND q.locked_by = $3";
+         SELECT id, true FROM plain",
+    completions_held_elsewhere!("$3")
+);
 
 /// Renews the leases of `$1` (ids) held by worker `$3` for `$2` seconds. A row another
 /// statement has locked is skipped, not waited for: that is a flush completing the job (or the
@@ -1287,24 +1303,23 @@ async fn flush(
     worker_id: &str,
     batch: &[Completion],
 ) -> Result<Vec<(i64, bool)>, QueueError> {
-    // Nearly every completion is a plain success, which needs nothing decided (no error
-    // history, no coalesce check): those go through their own lean UPDATE, the rest through
-    // the full one, both in one statement so the batch stays one commit.
-    let (plain, eventful): (Vec<&Completion>, Vec<&Completion>) = batch
+    // Nearly every batch is plain successes only: those go through the lean statement. A
+    // batch with anything else goes whole through the full one, so it stays one commit.
+    if batch
         .iter()
-        .partition(|c| c.outcome == Outcome::Done && c.error.is_none());
-    let plain_ids: Vec<i64> = plain.iter().map(|c| c.id).collect();
-    let plain_attempts: Vec<i32> = plain.iter().map(|c| c.attempt).collect();
-    if eventful.is_empty() {
+        .all(|c| c.outcome == Outcome::Done && c.error.is_none())
+    {
+        let ids: Vec<i64> = batch.iter().map(|c| c.id).collect();
+        let attempts: Vec<i32> = batch.iter().map(|c| c.attempt).collect();
         return sqlx::query_as(COMPLETE_SUCCESSES)
-            .bind(&plain_ids)
-            .bind(&plain_attempts)
+            .bind(&ids)
+            .bind(&attempts)
             .bind(worker_id)
             .fetch_all(pool)
             .await
             .ctx("complete");
     }
-    let n = eventful.len();
+    let n = batch.len();
     let mut ids = Vec::with_capacity(n);
     let mut attempts = Vec::with_capacity(n);
     let mut statuses = Vec::with_capacity(n);
@@ -1313,7 +1328,7 @@ async fn flush(
     let mut errors: Vec<Option<String>> = Vec::with_capacity(n);
     let mut kinds = Vec::with_capacity(n);
     let mut ats = Vec::with_capacity(n);
-    for c in eventful {
+    for c in batch {
         ids.push(c.id);
         attempts.push(c.attempt);
         statuses.push(c.outcome.status());
@@ -1332,8 +1347,6 @@ async fn flush(
         .bind(&errors)
         .bind(&kinds)
         .bind(&ats)
-        .bind(&plain_ids)
-        .bind(&plain_attempts)
         .bind(worker_id)
         .fetch_all(pool)
         .await
