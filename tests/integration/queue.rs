@@ -351,13 +351,19 @@ async fn an_idle_worker_holds_its_claim_and_completion_connections_open() {
     let _w = spawn_worker(&db, opts(|q| q.poll_interval = Duration::from_secs(30))).await;
     // No job has run: these were opened at start (the names are the runtime's
     // CLAIM_CONNECTION_NAME and COMPLETION_CONNECTION_NAME, as ops see them).
-    for query in [
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-           AND application_name = 'graphdesk-worker-claims'",
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-           AND application_name = 'graphdesk-worker-completions'",
+    for (query, open) in [
+        (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND application_name = 'graphdesk-worker-claims'",
+            i64::from(jobs::queue::runtime::CLAIM_CONNECTIONS),
+        ),
+        (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND application_name = 'graphdesk-worker-completions'",
+            jobs::queue::runtime::MAX_FLUSHES as i64,
+        ),
     ] {
-        wait_for_count(&db.pool, query, 4, Duration::from_secs(20)).await;
+        wait_for_count(&db.pool, query, open, Duration::from_secs(20)).await;
     }
 }
 
