@@ -1062,28 +1062,9 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    let complete_successes: Vec<String> =
-        sqlx::query_scalar(sqlx::AssertSqlSafe(plan(COMPLETE_SUCCESSES)))
-            .bind(&ids)
-            .bind(&ones)
-            .bind("w")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    let renew: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(plan(RENEW_LEASES)))
-        .bind(&ids)
-        .bind(30.0_f64)
-        .bind("w")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-    let release: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(plan(RELEASE_JOBS)))
-        .bind(&ids)
-        .bind(&ones)
-        .bind("w")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
+    let complete_successes = explain_id_list(&db.pool, COMPLETE_SUCCESSES, &ids, &ones).await;
+    let renew = explain_id_list(&db.pool, RENEW_LEASES, &ids, 30.0_f64).await;
+    let release = explain_id_list(&db.pool, RELEASE_JOBS, &ids, &ones).await;
     for (name, lines) in [
         ("complete", complete),
         ("complete successes", complete_successes),
@@ -1095,6 +1076,21 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
             assert!(!text.contains(partial), "{name} scans {partial}:\n{text}");
         }
     }
+}
+
+/// The plan of an id-list statement whose parameters are the ids, one more value, and the
+/// worker `w`.
+async fn explain_id_list<T>(pool: &sqlx::PgPool, sql: &str, ids: &[i64], second: T) -> Vec<String>
+where
+    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+        .bind(ids)
+        .bind(second)
+        .bind("w")
+        .fetch_all(pool)
+        .await
+        .unwrap()
 }
 
 /// `n` jobs running under worker `w`, leased for a minute.
@@ -1169,13 +1165,21 @@ async fn statuses(db: &TestDb, ids: &[i64]) -> Vec<String> {
 }
 
 /// A flush's answer for three jobs whose first row another statement holds: that one
-/// reported back to be sent again, the other two applied.
-fn assert_first_held_rest_applied(mut outcome: Vec<(i64, bool)>, ids: &[i64]) {
+/// reported back to be sent again, the other two applied. Then the holder lets go, and the
+/// jobs' statuses are `after`: the held one untouched.
+async fn assert_first_held_rest_applied(
+    held: HeldRow,
+    mut outcome: Vec<(i64, bool)>,
+    after: [&str; 3],
+) {
+    let ids = &held.ids;
     outcome.sort();
     assert_eq!(
         outcome,
         vec![(ids[0], false), (ids[1], true), (ids[2], true)]
     );
+    held.holder.rollback().await.unwrap();
+    assert_eq!(statuses(&held.db, ids).await, after);
 }
 
 /// A connection that gives up waiting for a lock after 3 s, so a statement that waits fails
@@ -1196,27 +1200,22 @@ async fn impatient_connection(db: &TestDb) -> sqlx::PgConnection {
 async fn a_lease_renewal_skips_rows_another_statement_holds() {
     use jobs::queue::runtime::RENEW_LEASES;
     // A flush (say) holds the first job's row.
-    let HeldRow {
-        db,
-        ids,
-        holder,
-        conn: mut renewer,
-    } = first_row_held(2).await;
+    let mut held = first_row_held(2).await;
     let renewed = sqlx::query(RENEW_LEASES)
-        .bind(&ids)
+        .bind(&held.ids)
         .bind(600.0_f64)
         .bind("w")
-        .execute(&mut renewer)
+        .execute(&mut held.conn)
         .await
         .expect("the renewal waited for the held row");
     assert_eq!(renewed.rows_affected(), 1);
-    holder.rollback().await.unwrap();
+    held.holder.rollback().await.unwrap();
     let extended: Vec<bool> = sqlx::query_scalar(
         "SELECT lease_expires_at > now() + interval '5 minutes' FROM queue_jobs
          WHERE id = ANY ($1) ORDER BY id",
     )
-    .bind(&ids)
-    .fetch_all(&db.pool)
+    .bind(&held.ids)
+    .fetch_all(&held.db.pool)
     .await
     .unwrap();
     assert_eq!(extended, vec![false, true]);
@@ -1231,16 +1230,11 @@ async fn a_lease_renewal_skips_rows_another_statement_holds() {
 async fn a_completion_flush_skips_rows_another_statement_holds() {
     use jobs::queue::runtime::COMPLETE_JOBS;
     // A claim (say) holds the first job's row.
-    let HeldRow {
-        db,
-        ids,
-        holder,
-        conn: mut flusher,
-    } = first_row_held(3).await;
+    let mut held = first_row_held(3).await;
     // The first two are plain successes, the third a retry.
     let retry_at = Utc::now() + chrono::Duration::minutes(5);
     let outcome: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_JOBS)
-        .bind(&ids)
+        .bind(&held.ids)
         .bind(vec![1_i32; 3])
         .bind(vec!["done", "done", "pending"])
         .bind(vec![0_i32; 3])
@@ -1249,33 +1243,21 @@ async fn a_completion_flush_skips_rows_another_statement_holds() {
         .bind(vec!["done", "done", "retry"])
         .bind(vec![Utc::now(); 3])
         .bind("w")
-        .fetch_all(&mut flusher)
+        .fetch_all(&mut held.conn)
         .await
         .expect("the flush waited for the held row");
-    assert_first_held_rest_applied(outcome, &ids);
-    holder.rollback().await.unwrap();
-    assert_eq!(
-        statuses(&db, &ids).await,
-        vec!["running", "done", "pending"]
-    );
+    assert_first_held_rest_applied(held, outcome, ["running", "done", "pending"]).await;
 }
 
 /// The flush of a batch of plain successes uses its own statement, which must skip a held
 /// row the same way: applied for the others, reported back for the held one, never waited for.
 #[tokio::test]
 async fn a_flush_of_successes_only_skips_rows_another_statement_holds() {
-    let HeldRow {
-        db,
-        ids,
-        holder,
-        conn: mut flusher,
-    } = first_row_held(3).await;
-    let outcome = complete_successes(&mut flusher, &ids, &[1, 1, 1], "w")
+    let mut held = first_row_held(3).await;
+    let outcome = complete_successes(&mut held.conn, &held.ids, &[1, 1, 1], "w")
         .await
         .expect("the flush waited for the held row");
-    assert_first_held_rest_applied(outcome, &ids);
-    holder.rollback().await.unwrap();
-    assert_eq!(statuses(&db, &ids).await, vec!["running", "done", "done"]);
+    assert_first_held_rest_applied(held, outcome, ["running", "done", "done"]).await;
 }
 
 /// A recorded probe of `sleep_ms` running on one worker (leases of 30 s), its row held by
