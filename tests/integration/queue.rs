@@ -1048,20 +1048,20 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
     .unwrap();
     let n = ids.len();
     let ones = vec![1_i32; n];
-    let plan = |sql: &str| format!("EXPLAIN {sql}");
-    let complete: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(plan(COMPLETE_JOBS)))
-        .bind(&ids)
-        .bind(&ones)
-        .bind(vec!["done"; n])
-        .bind(vec![0_i32; n])
-        .bind(vec![None::<DateTime<Utc>>; n])
-        .bind(vec![None::<String>; n])
-        .bind(vec!["done"; n])
-        .bind(vec![Utc::now(); n])
-        .bind("w")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
+    let complete: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {COMPLETE_JOBS}")))
+            .bind(&ids)
+            .bind(&ones)
+            .bind(vec!["done"; n])
+            .bind(vec![0_i32; n])
+            .bind(vec![None::<DateTime<Utc>>; n])
+            .bind(vec![None::<String>; n])
+            .bind(vec!["done"; n])
+            .bind(vec![Utc::now(); n])
+            .bind("w")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     let complete_successes = explain_id_list(&db.pool, COMPLETE_SUCCESSES, &ids, &ones).await;
     let renew = explain_id_list(&db.pool, RENEW_LEASES, &ids, 30.0_f64).await;
     let release = explain_id_list(&db.pool, RELEASE_JOBS, &ids, &ones).await;

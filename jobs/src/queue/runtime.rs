@@ -694,13 +694,12 @@ macro_rules! completions_held_elsewhere {
 
 /// Completes a batch: `$1..$8` the completions (id, attempt, status, refund, run_at, error,
 /// kind, at), `$9` this worker. A batch of plain successes only goes through
-/// [`COMPLETE_SUCCESSES`] instead. A job
-/// counts as this run's only while it is still locked by this worker at that attempt: the
-/// attempt alone can repeat (a hand-back refunds it; a claim lost with an unflushed commit
-/// never counted it), and a stale run's result must not land on another worker's newer run.
-/// Returns `(id, applied)`:
-/// `true` for each completion applied, `false` for a job still running whose row another
-/// statement holds, to be flushed again; a completion in neither lost its compare-and-set.
+/// [`COMPLETE_SUCCESSES`] instead. A job counts as this run's only while it is still locked
+/// by this worker at that attempt: the attempt alone can repeat (a hand-back refunds it; a
+/// claim lost with an unflushed commit never counted it), and a stale run's result must not
+/// land on another worker's newer run. Returns `(id, applied)`: `true` for each completion
+/// applied, `false` for a job still running whose row another statement holds, to be flushed
+/// again; a completion in neither lost its compare-and-set.
 /// Rows another statement holds are skipped, never waited for (see `completion_rows!`).
 pub const COMPLETE_JOBS: &str = concat!(
     completion_rows!("$9"),
