@@ -532,6 +532,10 @@ async fn claim_with_default_limit_4(pool: &PgPool) -> usize {
         .bind(&sizes)
         .bind(10_i32)
         .bind(60.0_f64)
+        // No claim cursors: every tenant from its head.
+        .bind(vec![None::<i16>; rooms.len()])
+        .bind(vec![None::<chrono::DateTime<Utc>>; rooms.len()])
+        .bind(vec![None::<i64>; rooms.len()])
         .fetch_all(pool)
         .await
         .unwrap()

@@ -1769,6 +1769,9 @@ async fn claims_use_their_indexes(
                     .bind(rooms)
                     .bind(200_i32)
                     .bind(30.0_f64)
+                    .bind(vec![None::<i16>; tenants.len()])
+                    .bind(vec![None::<DateTime<Utc>>; tenants.len()])
+                    .bind(vec![None::<i64>; tenants.len()])
                     .fetch_all(&mut *tx)
                     .await
                     .unwrap()
@@ -2222,4 +2225,127 @@ async fn a_tenants_next_job_starts_while_the_last_ones_completion_waits_to_be_wr
     holder.rollback().await.unwrap();
     wait_status(&queue, first, "done", Duration::from_secs(30)).await;
     wait_status(&queue, second, "done", Duration::from_secs(30)).await;
+}
+
+/// A claim cursor (where this process's last limited claim of a tenant stopped) starts the
+/// tenant's next descent after it, and the index itself rejects what lies before: the taken
+/// jobs there each cost a visit to their row otherwise, until vacuum. A tenant without a
+/// cursor is claimed from its head.
+#[tokio::test]
+async fn limited_claims_start_after_a_tenants_cursor_and_at_its_head_without_one() {
+    use jobs::queue::runtime::CLAIM_GRANTED_JOBS;
+    let db = TestDb::new().await;
+    let a = db.create_tenant("a").await.as_uuid();
+    let b = db.create_tenant("b").await.as_uuid();
+    // a b a b ...: jobs 1, 3, 5... are a's, 2, 4, 6... b's; one statement, one run_at.
+    let jobs: Vec<(i64, uuid::Uuid, i16, DateTime<Utc>)> = sqlx::query_as(
+        "INSERT INTO queue_jobs (queue, tenant_id, payload, max_attempts)
+         SELECT 'graphdesk.probe', CASE WHEN g % 2 = 1 THEN $1::uuid ELSE $2::uuid END, '{}', 5
+         FROM generate_series(1, 12) g ORDER BY g
+         RETURNING id, tenant_id, priority, run_at",
+    )
+    .bind(a)
+    .bind(b)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let mut jobs = jobs;
+    jobs.sort_by_key(|j| j.0);
+    let of =
+        |t: uuid::Uuid| -> Vec<i64> { jobs.iter().filter(|j| j.1 == t).map(|j| j.0).collect() };
+    let (a_jobs, b_jobs) = (of(a), of(b));
+    let a3 = jobs.iter().find(|j| j.0 == a_jobs[2]).unwrap();
+
+    let granted = "granted claim";
+    let mut tx = db.pool.begin().await.unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {CLAIM_GRANTED_JOBS}")))
+            .bind("graphdesk.probe")
+            .bind("w")
+            .bind(vec![a, b])
+            .bind(vec![2_i32, 2])
+            .bind(10_i32)
+            .bind(30.0_f64)
+            .bind(vec![Some(a3.2), None])
+            .bind(vec![Some(a3.3), None])
+            .bind(vec![Some(a3.0), None])
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    let mut claimed: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH c AS ({CLAIM_GRANTED_JOBS}) SELECT id FROM c"
+    )))
+    .bind("graphdesk.probe")
+    .bind("w")
+    .bind(vec![a, b])
+    .bind(vec![2_i32, 2])
+    .bind(10_i32)
+    .bind(30.0_f64)
+    .bind(vec![Some(a3.2), None])
+    .bind(vec![Some(a3.3), None])
+    .bind(vec![Some(a3.0), None])
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    claimed.sort_unstable();
+    let mut expected = vec![a_jobs[3], a_jobs[4], b_jobs[0], b_jobs[1]];
+    expected.sort_unstable();
+    assert_eq!(
+        claimed, expected,
+        "{granted}: a's after its cursor, b's from its head"
+    );
+    assert_cursor_in_index_cond(granted, &plan);
+}
+
+/// The cursor must bound the index scan (an Index Cond), not filter the rows it fetched.
+fn assert_cursor_in_index_cond(name: &str, plan: &[String]) {
+    let text = plan.join("\n");
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("Index Cond") && l.contains("ROW(") && l.contains("run_at")),
+        "{name}: the cursor is not an index condition:\n{text}"
+    );
+}
+
+/// A job a limited claim passed by (locked by someone else at the time) lies before its
+/// tenant's cursor once the claims after it moved on; it must still run.
+#[tokio::test]
+async fn a_job_passed_over_while_locked_still_runs() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let tenant = db.create_tenant("busy").await;
+    let probes: Vec<Probe> = (0..41)
+        .map(|_| Probe {
+            tenant: Some(tenant),
+            ..Probe::default()
+        })
+        .collect();
+    let ids = queue.enqueue_batch(&probes).await.unwrap();
+    let first = ids[0];
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM queue_jobs WHERE id = $1 FOR UPDATE")
+        .bind(first.get())
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let _w = spawn_worker(
+        &db,
+        opts(|q| {
+            q.batch_size = 3;
+            q.worker_concurrency = 3;
+            q.tenant_concurrency = Some(3);
+        }),
+    )
+    .await;
+    wait_for_count(
+        &db.pool,
+        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        40,
+        Duration::from_secs(60),
+    )
+    .await;
+    // Released without a notification: nothing but the claims' own fallback finds it.
+    holder.commit().await.unwrap();
+    wait_status(&queue, first, "done", Duration::from_secs(10)).await;
 }

@@ -161,6 +161,105 @@ struct GrantBook {
     starved: Vec<&'static str>,
 }
 
+/// The last job a limited claim took of a tenant here, in claim order. The tenant's next
+/// descent starts after it. Every job taken from the tenant's head leaves a dead entry in the
+/// pending index until vacuum, and a descent from the head visits the row behind each entry
+/// it has not yet seen dead: 14-35 visits to take 2 jobs in a 200,000-job burst with two
+/// processes (docs/benchmarks.md, sixteenth round). With the cursor as an index condition the
+/// index itself passes them by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ClaimCursor {
+    priority: i16,
+    run_at: DateTime<Utc>,
+    id: i64,
+}
+
+impl ClaimCursor {
+    fn of(row: &ClaimedRow) -> Self {
+        Self {
+            priority: row.priority,
+            run_at: row.run_at,
+            id: row.id,
+        }
+    }
+
+    /// Later in claim order (priority descending, then run_at, then id).
+    fn is_after(&self, other: &ClaimCursor) -> bool {
+        (std::cmp::Reverse(self.priority), self.run_at, self.id)
+            > (std::cmp::Reverse(other.priority), other.run_at, other.id)
+    }
+}
+
+/// How long claim cursors are used before every tenant's next descent starts from its head
+/// again. A job can come to lie before a cursor without a notification: one a claim passed by
+/// while something else held its row lock, or one of lower priority than the cursor's job and
+/// older than it (the descent stays at or below the cursor's priority and after its run_at
+/// and id). Such a job waits at most this long.
+const CLAIM_CURSOR_TTL: Duration = Duration::from_millis(100);
+
+/// This process's claim cursors per queue and tenant (see [`ClaimCursor`]).
+#[derive(Debug, Default)]
+struct ClaimCursors {
+    at: HashMap<(&'static str, uuid::Uuid), ClaimCursor>,
+    /// When the cursors were last all dropped.
+    since: Option<std::time::Instant>,
+}
+
+impl ClaimCursors {
+    /// The cursor of each tenant, or none; all are dropped once they are
+    /// [`CLAIM_CURSOR_TTL`] old.
+    fn for_claim(
+        &mut self,
+        queue: &'static str,
+        tenants: &[uuid::Uuid],
+        now: std::time::Instant,
+    ) -> Vec<Option<ClaimCursor>> {
+        match self.since {
+            Some(since) if now.duration_since(since) < CLAIM_CURSOR_TTL => {}
+            _ => {
+                self.at.clear();
+                self.since = Some(now);
+            }
+        }
+        tenants
+            .iter()
+            .map(|t| self.at.get(&(queue, *t)).copied())
+            .collect()
+    }
+
+    /// Records where a claim left each tenant it had room for. A tenant whose room it filled
+    /// has more after its last job; one it did not fill may have a job before the cursor, so
+    /// its next descent starts from its head.
+    fn record(
+        &mut self,
+        queue: &'static str,
+        rooms: &[(uuid::Uuid, i32)],
+        claimed: &HashMap<uuid::Uuid, i32>,
+        last: &HashMap<uuid::Uuid, ClaimCursor>,
+    ) {
+        for (tenant, room) in rooms {
+            let filled = claimed.get(tenant).copied().unwrap_or(0) >= *room;
+            match last.get(tenant) {
+                Some(c) if filled => {
+                    let at = self.at.entry((queue, *tenant)).or_insert(*c);
+                    if c.is_after(at) {
+                        *at = *c;
+                    }
+                }
+                _ => {
+                    self.at.remove(&(queue, *tenant));
+                }
+            }
+        }
+    }
+
+    /// A new job may lie before a cursor (a higher priority, or the run_at of a long
+    /// transaction that enqueued it): the queue's next descents start from each head.
+    fn forget_queue(&mut self, queue: &str) {
+        self.at.retain(|(q, _), _| *q != queue);
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct TenantSlots {
     granted: u32,
@@ -320,6 +419,8 @@ struct Inner {
     grants: Mutex<GrantBook>,
     /// A fetcher found nothing it may claim: the grant sync should run now, not at its timer.
     grant_sync_wanted: Notify,
+    /// With tenant limits: where each tenant's next descent starts.
+    claim_cursors: Mutex<ClaimCursors>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
     /// Stops fetching; in-flight jobs go on.
     stop_fetching: CancellationToken,
@@ -439,6 +540,7 @@ impl WorkerRuntime {
             execution_drained: Notify::new(),
             grants: Mutex::new(GrantBook::default()),
             grant_sync_wanted: Notify::new(),
+            claim_cursors: Mutex::new(ClaimCursors::default()),
             wakers: Mutex::new(HashMap::new()),
             stop_fetching: CancellationToken::new(),
             stop_background: CancellationToken::new(),
@@ -831,6 +933,8 @@ struct ClaimedRow {
     attempts: i32,
     max_attempts: i32,
     tenant_id: Option<uuid::Uuid>,
+    priority: i16,
+    run_at: DateTime<Utc>,
 }
 
 /// Claims up to `$2` jobs of queue `$1` for worker `$3` with a lease of `$4` seconds, when
@@ -849,23 +953,30 @@ pub const CLAIM_JOBS: &str = "WITH picked AS (
         locked_by = $3, locked_at = now(),
         lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
     WHERE j.id = ANY (ARRAY(SELECT id FROM picked)) AND coalesce(j.status, '') = 'pending'
-    RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.tenant_id";
+    RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.tenant_id, j.priority, j.run_at";
 
 /// Claims, with tenant limits on, up to `$5` jobs: up to `$4[i]` of tenant `$3[i]` (this
 /// process's free slots of it), tenant by tenant until the batch is full, then jobs without a
 /// tenant (every production job kind has one), in queue `$1` for worker `$2` with a
-/// lease of `$6` seconds. Each tenant's jobs come from its own descent of the per-tenant
+/// lease of `$6` seconds. A tenant's descent starts after its claim cursor (`$7[i]`,
+/// `$8[i]`, `$9[i]`: the priority, run_at and id of the last job this process took of it; all
+/// NULL for none, see [`ClaimCursor`]). Each tenant's jobs come from its own descent of the per-tenant
 /// pending index (a range, not `=`: with `=` the planner drops tenant_id from the ORDER BY as
 /// a constant, and the head index, filtered by tenant, serves that order too); no count, no
 /// lock, and claims of
 /// several processes run side by side. Public so a test can check its plan.
 pub const CLAIM_GRANTED_JOBS: &str = "WITH room AS (
-        SELECT * FROM unnest($3::uuid[], $4::int[]) AS r(tenant_id, n)
+        SELECT r.tenant_id, r.n, coalesce(r.after_priority, 32767::smallint) AS after_priority,
+               coalesce(r.after_run_at, '-infinity'::timestamptz) AS after_run_at,
+               coalesce(r.after_id, 0::bigint) AS after_id
+        FROM unnest($3::uuid[], $4::int[], $7::smallint[], $8::timestamptz[], $9::bigint[])
+            AS r(tenant_id, n, after_priority, after_run_at, after_id)
     ), picked AS (
         (SELECT c.id FROM room r CROSS JOIN LATERAL (
             SELECT q.id FROM queue_jobs q
             WHERE q.queue = $1 AND q.tenant_id >= r.tenant_id AND q.tenant_id <= r.tenant_id
               AND q.status = 'pending' AND q.run_at <= now()
+              AND q.priority <= r.after_priority AND (q.run_at, q.id) > (r.after_run_at, r.after_id)
             ORDER BY q.tenant_id, q.priority DESC, q.run_at, q.id
             LIMIT r.n FOR UPDATE SKIP LOCKED) c
          LIMIT $5)
@@ -880,7 +991,7 @@ pub const CLAIM_GRANTED_JOBS: &str = "WITH room AS (
         locked_by = $2, locked_at = now(),
         lease_expires_at = now() + make_interval(secs => $6), updated_at = now()
     WHERE j.id = ANY (ARRAY(SELECT id FROM picked LIMIT $5)) AND coalesce(j.status, '') = 'pending'
-    RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.tenant_id";
+    RETURNING j.id, j.payload, j.attempts, j.max_attempts, j.tenant_id, j.priority, j.run_at";
 
 /// Claims up to `n` jobs. With tenant limits, also says whether every slot this process was
 /// granted was in use: then an empty answer says nothing about tenants it holds no slot of.
@@ -911,6 +1022,15 @@ async fn claim(
         (rooms, saturated)
     };
     let (tenants, sizes): (Vec<uuid::Uuid>, Vec<i32>) = rooms.iter().copied().unzip();
+    let after = inner.claim_cursors.lock().expect("poisoned").for_claim(
+        queue,
+        &tenants,
+        std::time::Instant::now(),
+    );
+    let after_priority: Vec<Option<i16>> = after.iter().map(|c| c.map(|c| c.priority)).collect();
+    let after_run_at: Vec<Option<DateTime<Utc>>> =
+        after.iter().map(|c| c.map(|c| c.run_at)).collect();
+    let after_id: Vec<Option<i64>> = after.iter().map(|c| c.map(|c| c.id)).collect();
     let claimed: Result<Vec<ClaimedRow>, QueueError> = sqlx::query_as(CLAIM_GRANTED_JOBS)
         .bind(queue)
         .bind(&*inner.worker_id)
@@ -918,14 +1038,31 @@ async fn claim(
         .bind(&sizes)
         .bind(n as i32)
         .bind(lease)
+        .bind(&after_priority)
+        .bind(&after_run_at)
+        .bind(&after_id)
         .fetch_all(&inner.claim_pool)
         .await
         .ctx("claim");
     let mut per_tenant: HashMap<uuid::Uuid, i32> = HashMap::new();
+    let mut last: HashMap<uuid::Uuid, ClaimCursor> = HashMap::new();
     if let Ok(rows) = &claimed {
-        for t in rows.iter().filter_map(|r| r.tenant_id) {
-            *per_tenant.entry(t).or_default() += 1;
+        for row in rows {
+            let Some(tenant) = row.tenant_id else {
+                continue;
+            };
+            *per_tenant.entry(tenant).or_default() += 1;
+            let here = ClaimCursor::of(row);
+            let at = last.entry(tenant).or_insert(here);
+            if here.is_after(at) {
+                *at = here;
+            }
         }
+        inner
+            .claim_cursors
+            .lock()
+            .expect("poisoned")
+            .record(queue, &rooms, &per_tenant, &last);
     }
     let starved = inner
         .grants
@@ -1381,11 +1518,15 @@ async fn listen_loop(inner: Arc<Inner>) {
         };
         failures = 0;
         // Anything published while we were not listening is lost: wake everyone once.
+        inner.claim_cursors.lock().expect("poisoned").at.clear();
         wake_all(&inner);
         loop {
             tokio::select! {
                 n = listener.recv() => match n {
-                    Ok(n) => wake_queue(&inner, n.payload()),
+                    Ok(n) => {
+                        inner.claim_cursors.lock().expect("poisoned").forget_queue(n.payload());
+                        wake_queue(&inner, n.payload());
+                    }
                     Err(e) => {
                         warn!(error = ?e, "LISTEN connection lost; reconnecting");
                         break;
@@ -1757,6 +1898,89 @@ fn decide<J: JobKind>(id: i64, ctx: &JobContext, result: Result<(), JobError>) -
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    fn cursor(priority: i16, secs: i64, id: i64) -> ClaimCursor {
+        ClaimCursor {
+            priority,
+            run_at: DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap(),
+            id,
+        }
+    }
+
+    #[test]
+    fn claim_order_is_priority_first_then_run_at_then_id() {
+        assert!(cursor(0, 0, 2).is_after(&cursor(0, 0, 1)));
+        assert!(cursor(0, 1, 1).is_after(&cursor(0, 0, 9)));
+        // A higher priority comes first whatever its run_at.
+        assert!(cursor(0, 0, 1).is_after(&cursor(5, 9, 9)));
+        assert!(!cursor(5, 9, 9).is_after(&cursor(0, 0, 1)));
+        assert!(!cursor(0, 0, 1).is_after(&cursor(0, 0, 1)));
+    }
+
+    #[test]
+    fn a_tenant_keeps_its_cursor_only_while_claims_fill_its_room() {
+        let (a, b) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        let mut cursors = ClaimCursors::default();
+        let now = Instant::now();
+        assert_eq!(cursors.for_claim("q", &[a, b], now), vec![None, None]);
+        let rooms = [(a, 2), (b, 2)];
+        // a filled its room, b did not.
+        let claimed = HashMap::from([(a, 2), (b, 1)]);
+        let last = HashMap::from([(a, cursor(0, 0, 7)), (b, cursor(0, 0, 8))]);
+        cursors.record("q", &rooms, &claimed, &last);
+        assert_eq!(
+            cursors.for_claim("q", &[a, b], now),
+            vec![Some(cursor(0, 0, 7)), None]
+        );
+        // Another queue's claims of the same tenant have their own cursor.
+        assert_eq!(cursors.for_claim("other", &[a], now), vec![None]);
+        // A claim that ended earlier (another fetcher's, on its way meanwhile) does not move
+        // the cursor back.
+        let earlier = HashMap::from([(a, cursor(0, 0, 5))]);
+        cursors.record("q", &[(a, 2)], &HashMap::from([(a, 2)]), &earlier);
+        assert_eq!(
+            cursors.for_claim("q", &[a], now),
+            vec![Some(cursor(0, 0, 7))]
+        );
+        // Coming up short drops it: a job may lie before it.
+        cursors.record("q", &[(a, 2)], &HashMap::from([(a, 1)]), &last);
+        assert_eq!(cursors.for_claim("q", &[a], now), vec![None]);
+    }
+
+    #[test]
+    fn cursors_lapse_after_their_ttl_and_on_a_notification_for_their_queue() {
+        let a = uuid::Uuid::from_u128(1);
+        let mut cursors = ClaimCursors::default();
+        let start = Instant::now();
+        let fill = |c: &mut ClaimCursors, q: &'static str| {
+            c.record(
+                q,
+                &[(a, 1)],
+                &HashMap::from([(a, 1)]),
+                &HashMap::from([(a, cursor(0, 0, 3))]),
+            );
+        };
+        assert_eq!(cursors.for_claim("q", &[a], start), vec![None]);
+        fill(&mut cursors, "q");
+        let soon = start + CLAIM_CURSOR_TTL / 2;
+        assert_eq!(
+            cursors.for_claim("q", &[a], soon),
+            vec![Some(cursor(0, 0, 3))]
+        );
+        assert_eq!(
+            cursors.for_claim("q", &[a], start + CLAIM_CURSOR_TTL),
+            vec![None]
+        );
+        fill(&mut cursors, "q");
+        fill(&mut cursors, "other");
+        cursors.forget_queue("q");
+        let later = start + CLAIM_CURSOR_TTL + CLAIM_CURSOR_TTL / 2;
+        assert_eq!(cursors.for_claim("q", &[a], later), vec![None]);
+        assert_eq!(
+            cursors.for_claim("other", &[a], later),
+            vec![Some(cursor(0, 0, 3))]
+        );
+    }
 
     fn book(granted: &[(u128, i32)]) -> GrantBook {
         let mut book = GrantBook::default();
