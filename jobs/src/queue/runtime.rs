@@ -192,9 +192,10 @@ impl ClaimCursor {
 
 /// How long claim cursors are used before every tenant's next descent starts from its head
 /// again. A job can come to lie before a cursor without a notification: one a claim passed by
-/// while something else held its row lock, or one of lower priority than the cursor's job and
-/// older than it (the descent stays at or below the cursor's priority and after its run_at
-/// and id). Such a job waits at most this long.
+/// while something else held its row lock, one of higher priority than the cursor's job that
+/// falls due (scheduled, or retried after its backoff), or one of lower priority and older
+/// than the cursor's job (the descent stays at or below the cursor's priority and after its
+/// run_at and id). Such a job waits at most this long.
 const CLAIM_CURSOR_TTL: Duration = Duration::from_millis(100);
 
 /// This process's claim cursors per queue and tenant (see [`ClaimCursor`]).
@@ -958,13 +959,13 @@ pub const CLAIM_JOBS: &str = "WITH picked AS (
 /// Claims, with tenant limits on, up to `$5` jobs: up to `$4[i]` of tenant `$3[i]` (this
 /// process's free slots of it), tenant by tenant until the batch is full, then jobs without a
 /// tenant (every production job kind has one), in queue `$1` for worker `$2` with a
-/// lease of `$6` seconds. A tenant's descent starts after its claim cursor (`$7[i]`,
-/// `$8[i]`, `$9[i]`: the priority, run_at and id of the last job this process took of it; all
-/// NULL for none, see [`ClaimCursor`]). Each tenant's jobs come from its own descent of the per-tenant
+/// lease of `$6` seconds. Each tenant's jobs come from its own descent of the per-tenant
 /// pending index (a range, not `=`: with `=` the planner drops tenant_id from the ORDER BY as
-/// a constant, and the head index, filtered by tenant, serves that order too); no count, no
-/// lock, and claims of
-/// several processes run side by side. Public so a test can check its plan.
+/// a constant, and the head index, filtered by tenant, serves that order too), which starts
+/// after the tenant's claim cursor (`$7[i]`, `$8[i]`, `$9[i]`: the priority, run_at and id of
+/// the last job this process took of it, all NULL for none; see [`ClaimCursor`]); no count,
+/// no lock, and claims of several processes run side by side. Public so a test can check its
+/// plan.
 pub const CLAIM_GRANTED_JOBS: &str = "WITH room AS (
         SELECT r.tenant_id, r.n, coalesce(r.after_priority, 32767::smallint) AS after_priority,
                coalesce(r.after_run_at, '-infinity'::timestamptz) AS after_run_at,
