@@ -2238,7 +2238,7 @@ async fn limited_claims_start_after_a_tenants_cursor_and_at_its_head_without_one
     let a = db.create_tenant("a").await.as_uuid();
     let b = db.create_tenant("b").await.as_uuid();
     // a b a b ...: jobs 1, 3, 5... are a's, 2, 4, 6... b's; one statement, one run_at.
-    let jobs: Vec<(i64, uuid::Uuid, i16, DateTime<Utc>)> = sqlx::query_as(
+    let mut jobs: Vec<(i64, uuid::Uuid, i16, DateTime<Utc>)> = sqlx::query_as(
         "INSERT INTO queue_jobs (queue, tenant_id, payload, max_attempts)
          SELECT 'graphdesk.probe', CASE WHEN g % 2 = 1 THEN $1::uuid ELSE $2::uuid END, '{}', 5
          FROM generate_series(1, 12) g ORDER BY g
@@ -2249,7 +2249,6 @@ async fn limited_claims_start_after_a_tenants_cursor_and_at_its_head_without_one
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    let mut jobs = jobs;
     jobs.sort_by_key(|j| j.0);
     let of =
         |t: uuid::Uuid| -> Vec<i64> { jobs.iter().filter(|j| j.1 == t).map(|j| j.0).collect() };
