@@ -31,6 +31,9 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+#[path = "../bench/graphile.rs"]
+mod graphile;
+
 #[derive(Parser, Debug)]
 #[command(about = "graphdesk queue benchmarks (see docs/benchmarks.md)")]
 struct Cli {
@@ -46,7 +49,9 @@ struct Cli {
     /// Also measure dequeue cost with 1,000,000 finished jobs in the table (vs 10,000).
     #[arg(long)]
     scale: bool,
-    /// Only these scenario groups: raw, queue, latency, enqueue, rss, scale.
+    /// Only these scenario groups: raw, queue, graphile, latency, enqueue, rss, scale. graphile
+    /// (graphile-worker batched, the queue-throughput issue's bar) needs Node.js and npm, and is
+    /// skipped with a note without them.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Worker process counts for the throughput scenarios.
@@ -840,7 +845,19 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
     let mut raw_samples: HashMap<(i64, usize), Vec<Throughput>> = HashMap::new();
     let mut raw_cpu: HashMap<usize, Vec<Throughput>> = HashMap::new();
     let mut queue_samples: HashMap<(bool, usize, usize), Vec<Throughput>> = HashMap::new();
-    if cli.wants("raw") || cli.wants("queue") {
+    let mut graphile_samples: HashMap<(usize, usize), Vec<Throughput>> = HashMap::new();
+    let graphile = if cli.wants("graphile") {
+        match graphile::Graphile::install().await {
+            Ok(g) => Some((g, graphile::node_url(&db.pool, &db.url).await?)),
+            Err(e) => {
+                println!("  graphile-worker skipped: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    if cli.wants("raw") || cli.wants("queue") || graphile.is_some() {
         create_raw_table(&db.pool).await?;
         // The first loop on a fresh table runs cold (its first sample was the slowest in every
         // run so far); one unrecorded loop warms the caches for both sides.
@@ -850,6 +867,26 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                 for batch in [100, 10] {
                     let sample = raw_claim_loop(&db.pool, n, batch).await?;
                     raw_samples.entry((batch, n)).or_default().push(sample);
+                }
+            }
+            if let Some((g, url)) = &graphile {
+                for &procs in &cli.processes {
+                    let mut runners = vec![g.spawn(url).await?];
+                    graphile::install_completion_trigger(&db.pool).await?;
+                    for _ in 1..procs {
+                        runners.push(g.spawn(url).await?);
+                    }
+                    // Unrecorded: node compiles its hot paths during the first thousands of
+                    // jobs (a fresh process ran its first 20,000 at about a third of the rate
+                    // of the next).
+                    graphile_throughput(db, cli.jobs.min(20_000), &runners).await?;
+                    for &n in &sizes {
+                        let sample = graphile_throughput(db, n, &runners).await?;
+                        graphile_samples.entry((procs, n)).or_default().push(sample);
+                    }
+                    for r in runners {
+                        r.stop().await;
+                    }
                 }
             }
             if !cli.wants("queue") {
@@ -893,6 +930,28 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                 report.add_vs(raw_name(batch, n), "jobs/s", rates(&samples), against);
                 if batch == 100 {
                     raw_cpu.insert(n, samples);
+                }
+            }
+        }
+        for &procs in &cli.processes {
+            for &n in &sizes {
+                let Some(samples) = graphile_samples.get(&(procs, n)) else {
+                    continue;
+                };
+                let name = graphile_name(procs, n);
+                report.add_vs(&name, "jobs/s", rates(samples), Some(raw_name(100, n)));
+                if cli.wants("queue") {
+                    report.add_vs(
+                        format!("{} (vs graphile-worker)", queue_name(procs, n, false)),
+                        "jobs/s",
+                        rates(
+                            &queue_samples
+                                .get(&(false, procs, n))
+                                .cloned()
+                                .unwrap_or_default(),
+                        ),
+                        Some(name.clone()),
+                    );
                 }
             }
         }
@@ -1011,6 +1070,13 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
                 |c| Some(c.client_us),
                 None,
             );
+        }
+        for &procs in &cli.processes {
+            for &n in &sizes {
+                if let Some(samples) = graphile_samples.get(&(procs, n)) {
+                    queue_cpu.push((graphile_name(procs, n), n, samples.clone()));
+                }
+            }
         }
         for (name, n, samples) in &queue_cpu {
             let raw = raw_name(100, *n);
@@ -1181,6 +1247,32 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
         worker.stop().await;
     }
     Ok(report)
+}
+
+async fn graphile_throughput(
+    db: &BenchDb,
+    n: usize,
+    runners: &[graphile::GraphileProcess],
+) -> anyhow::Result<Throughput> {
+    let pids: Vec<String> = runners
+        .iter()
+        .filter_map(|r| r.pid().map(|p| p.to_string()))
+        .collect();
+    let start = graphile::stage(&db.pool, n).await?;
+    let meter = CpuMeter::start(pids);
+    let end = graphile::wait_completed(&db.pool, n, Duration::from_secs(600)).await?;
+    Ok(Throughput {
+        jobs_per_sec: per_sec(n, start, end)?,
+        cpu: meter.per_job(n),
+    })
+}
+
+fn graphile_name(procs: usize, n: usize) -> String {
+    let s = if procs == 1 { "" } else { "es" };
+    format!(
+        "graphile-worker {} batched, {procs} process{s}, {n} jobs",
+        graphile::GRAPHILE_VERSION
+    )
 }
 
 fn queue_name(procs: usize, n: usize, limits: bool) -> String {
