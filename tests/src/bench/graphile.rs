@@ -18,10 +18,9 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// The version the queue-throughput issue measured.
@@ -95,18 +94,7 @@ impl Graphile {
             .kill_on_drop(true)
             .spawn()
             .context("spawning node")?;
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.trim() == "ready" {
-                    return Ok(());
-                }
-            }
-            bail!("graphile-worker exited before it was ready")
-        })
-        .await
-        .context("graphile-worker ready within 60 s")??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        crate::wait_ready(&mut child, "graphile-worker", |line| line.trim() == "ready").await?;
         Ok(GraphileProcess { child })
     }
 }
@@ -121,18 +109,7 @@ impl GraphileProcess {
     }
 
     pub async fn stop(mut self) {
-        if let Some(pid) = self.pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+        crate::terminate(&mut self.child).await;
     }
 }
 

@@ -302,18 +302,10 @@ impl Worker {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().context("spawning the worker")?;
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        tokio::time::timeout(Duration::from_secs(60), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.starts_with("worker ") && line.contains(" running") {
-                    return Ok(());
-                }
-            }
-            bail!("the worker exited before it was ready")
+        wait_ready(&mut child, "the worker", |line| {
+            line.starts_with("worker ") && line.contains(" running")
         })
-        .await
-        .context("worker ready within 60 s")??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        .await?;
         Ok(Self { child })
     }
 
@@ -334,18 +326,45 @@ impl Worker {
     }
 
     async fn stop(mut self) {
-        if let Some(pid) = self.pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+        terminate(&mut self.child).await;
+    }
+}
+
+/// Waits up to 60 s for a line of the child's standard output that says it is ready, then
+/// keeps reading (and dropping) the rest so the child never blocks on a full pipe.
+async fn wait_ready(
+    child: &mut Child,
+    what: &str,
+    ready: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if ready(&line) {
+                return Ok(());
+            }
         }
-        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+        bail!("{what} exited before it was ready")
+    })
+    .await
+    .with_context(|| format!("{what} ready within 60 s"))??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(())
+}
+
+/// SIGTERM, then up to 30 s for a graceful exit, then SIGKILL.
+async fn terminate(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
     }
 }
 
