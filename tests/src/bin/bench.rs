@@ -876,6 +876,7 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
     } else {
         None
     };
+    let mut completion_trigger_installed = false;
     if cli.wants("raw") || cli.wants("queue") || graphile.is_some() {
         create_raw_table(&db.pool).await?;
         // The first loop on a fresh table runs cold (its first sample was the slowest in every
@@ -891,7 +892,11 @@ async fn run(cli: &Cli, db: &BenchDb) -> anyhow::Result<Report> {
             if let Some((g, url)) = &graphile {
                 for &procs in &cli.processes {
                     let mut runners = vec![g.spawn(url).await?];
-                    graphile::install_completion_trigger(&db.pool).await?;
+                    // Once, when the first process has created graphile-worker's schema.
+                    if !completion_trigger_installed {
+                        graphile::install_completion_trigger(&db.pool).await?;
+                        completion_trigger_installed = true;
+                    }
                     for _ in 1..procs {
                         runners.push(g.spawn(url).await?);
                     }
