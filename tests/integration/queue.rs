@@ -1088,6 +1088,7 @@ async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
 async fn claims_and_completions_write_only_the_indexes_they_need() {
     use jobs::queue::runtime::{CLAIM_JOBS, COMPLETE_SUCCESSES};
     use sqlx::Row;
+    use std::collections::BTreeMap;
     let db = TestDb::new().await;
     sqlx::query(
         "INSERT INTO queue_jobs (queue, tenant_id, payload, max_attempts)
@@ -1106,11 +1107,9 @@ async fn claims_and_completions_write_only_the_indexes_they_need() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
-        rows.into_iter()
-            .collect::<std::collections::BTreeMap<String, i64>>()
+        rows.into_iter().collect::<BTreeMap<String, i64>>()
     };
-    let grown = |before: &std::collections::BTreeMap<String, i64>,
-                 after: &std::collections::BTreeMap<String, i64>| {
+    let grown = |before: &BTreeMap<String, i64>, after: &BTreeMap<String, i64>| {
         after
             .iter()
             .filter(|(name, size)| before.get(*name) != Some(*size))
