@@ -1019,7 +1019,7 @@ async fn vacuum_analyze_queue(db: &TestDb) {
 /// used to scan a partial running-jobs index as the outer side of a nested loop over the ids:
 /// a flush of 2,000 completions took seconds on a busy table.
 #[tokio::test]
-async fn id_list_statements_skip_the_running_indexes_after_an_idle_analyze() {
+async fn id_list_statements_skip_the_running_index_after_an_idle_analyze() {
     use jobs::queue::runtime::{COMPLETE_JOBS, COMPLETE_SUCCESSES, RELEASE_JOBS, RENEW_LEASES};
     let db = TestDb::new().await;
     // Statistics of a queue that has only finished work, as autovacuum would take them.
