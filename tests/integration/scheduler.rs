@@ -215,6 +215,80 @@ async fn one_tick_enqueues_what_is_due_with_payloads_the_workers_decode() {
     assert_eq!((later.syncs, later.refreshes, later.validations), (3, 1, 0));
 }
 
+/// The check for a recent ValidateAccount of a failing account reads the partial index of
+/// that queue's jobs (20261130000010), not the queue: since the (tenant, status, queue) index
+/// went, nothing else leads to an account's jobs, and a busy queue's other jobs must not be
+/// walked on every tick.
+#[tokio::test]
+async fn the_recent_validation_check_reads_its_own_index_not_the_queue() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let tenant = db.create_tenant("Contoso").await;
+    let failing = add_account(pool, tenant, "failing@contoso.example", "error").await;
+    sqlx::query(
+        "INSERT INTO queue_jobs (queue, tenant_id, email_account_id, payload, max_attempts)
+         SELECT 'graphdesk.probe', $1, $2, '{}', 5 FROM generate_series(1, 20000)",
+    )
+    .bind(tenant.as_uuid())
+    .bind(failing.as_uuid())
+    .execute(pool)
+    .await
+    .unwrap();
+    let validated = |minutes_ago: i32| async move {
+        sqlx::query(
+            "INSERT INTO queue_jobs (queue, tenant_id, email_account_id, payload, max_attempts,
+                                     status, finished_at, created_at)
+             VALUES ($1, $2, $3, '{}', 5, 'done', now(), now() - make_interval(mins => $4))",
+        )
+        .bind(ValidateAccount::QUEUE)
+        .bind(tenant.as_uuid())
+        .bind(failing.as_uuid())
+        .bind(minutes_ago)
+        .execute(pool)
+        .await
+        .unwrap();
+    };
+    validated(40).await;
+    for (analyzed, recent, expected) in [(false, false, 1), (false, true, 0), (true, true, 0)] {
+        if recent {
+            validated(1).await;
+        }
+        if analyzed {
+            sqlx::query("ANALYZE queue_jobs")
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        let scans = "SELECT pg_stat_get_xact_numscans('queue_jobs'::regclass),
+                            pg_stat_get_xact_numscans('queue_jobs_validation_idx'::regclass)";
+        let mut tx = pool.begin().await.unwrap();
+        // The plan a long-lived connection settles on after five runs, which cannot use a
+        // partial index whose predicate a parameter would have to match.
+        sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let before: (i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
+        let created =
+            jobs::scheduler::sql::enqueue_due_validations(&mut tx, chrono::TimeDelta::minutes(15))
+                .await
+                .unwrap();
+        let after: (i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
+        tx.rollback().await.unwrap();
+        let case = format!("analyzed: {analyzed}, validated a minute ago: {recent}");
+        assert_eq!(created, expected, "{case}");
+        assert_eq!(
+            after.0 - before.0,
+            0,
+            "{case}: scanned queue_jobs sequentially"
+        );
+        assert!(
+            after.1 > before.1,
+            "{case}: did not use queue_jobs_validation_idx"
+        );
+    }
+}
+
 #[tokio::test]
 async fn two_replicas_never_lead_at_once_and_never_double_enqueue() {
     let db = TestDb::new().await;

@@ -166,10 +166,12 @@ pub async fn enqueue_due_validations(
             WHERE a.status = 'error'
               AND (a.validated_at IS NULL
                    OR a.validated_at < now() - make_interval(secs => $4))
+              -- The queue is spelled out, not $1, so that every plan (a generic one too)
+              -- can use the partial index of this queue's jobs, queue_jobs_validation_idx.
               AND NOT EXISTS (
                   SELECT 1 FROM queue_jobs q
-                  WHERE q.tenant_id = a.tenant_id AND q.queue = $1
-                    AND q.email_account_id = a.id
+                  WHERE q.queue = 'graphdesk.validate_account'
+                    AND q.email_account_id = a.id AND q.tenant_id = a.tenant_id
                     AND q.created_at > now() - make_interval(secs => $4))
             ON CONFLICT DO NOTHING
             RETURNING 1)",
