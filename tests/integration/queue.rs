@@ -1922,6 +1922,83 @@ async fn claims_use_their_indexes(
     }
 }
 
+/// The tenants page's running and pending counts read the live jobs' own indexes (the lease
+/// index, the pending indexes) once for all tenants, never the table: with 20,000 finished
+/// jobs beside a few live ones, a scan of queue_jobs would read the whole history on every
+/// page view, and a lookup per tenant would read every live job once per tenant. Before and
+/// after the queue is analyzed, for every tenant and for one.
+#[tokio::test]
+async fn tenant_load_counts_read_live_jobs_only() {
+    use jobs::queue::TENANT_LOAD;
+    let db = TestDb::new().await;
+    let busy = db.create_tenant("busy").await.as_uuid();
+    let mut idle = Vec::new();
+    for i in 0..50 {
+        idle.push(db.create_tenant(&format!("idle-{i:02}")).await.as_uuid());
+    }
+    sqlx::query(
+        "INSERT INTO queue_jobs (queue, tenant_id, payload, max_attempts, status, finished_at)
+         SELECT 'graphdesk.probe', $1, '{}', 5, 'done', now() FROM generate_series(1, 20000)",
+    )
+    .bind(busy)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO queue_jobs (queue, tenant_id, payload, max_attempts, status, attempts,
+                                 locked_by, lease_expires_at)
+         SELECT 'graphdesk.probe', $1, '{}', 5, s, 1, 'w', now() + interval '1 minute'
+         FROM unnest(ARRAY['running', 'running', 'pending']) s",
+    )
+    .bind(busy)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    for analyzed in [false, true] {
+        if analyzed {
+            vacuum_analyze_queue(&db).await;
+        }
+        for only in [None, Some(busy)] {
+            let mut tx = db.pool.begin().await.unwrap();
+            let reads = "SELECT pg_stat_get_xact_numscans('queue_jobs'::regclass),
+                                pg_stat_get_xact_tuples_returned('queue_jobs_lease_idx'::regclass)
+                                + pg_stat_get_xact_tuples_returned('queue_jobs_claim_idx'::regclass)
+                                + pg_stat_get_xact_tuples_returned(
+                                      'queue_jobs_tenant_claim_idx'::regclass)";
+            let before: (i64, i64) = sqlx::query_as(reads).fetch_one(&mut *tx).await.unwrap();
+            let load: Vec<(uuid::Uuid, String, Option<i32>, i64, i64)> =
+                sqlx::query_as(TENANT_LOAD)
+                    .bind(only)
+                    .bind(500_i64)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap();
+            let after: (i64, i64) = sqlx::query_as(reads).fetch_one(&mut *tx).await.unwrap();
+            tx.rollback().await.unwrap();
+            let case = format!("analyzed: {analyzed}, only: {only:?}");
+            let counts: Vec<(uuid::Uuid, i64, i64)> = load
+                .into_iter()
+                .map(|(id, _, _, r, p)| (id, r, p))
+                .collect();
+            let mut expected = vec![(busy, 2, 1)];
+            if only.is_none() {
+                expected.extend(idle.iter().map(|t| (*t, 0, 0)));
+            }
+            assert_eq!(counts, expected, "{case}");
+            assert!(
+                after.1 - before.1 <= 3,
+                "{case}: read {} live-job index entries for 3 live jobs",
+                after.1 - before.1
+            );
+            assert_eq!(
+                after.0 - before.0,
+                0,
+                "{case}: scanned queue_jobs sequentially"
+            );
+        }
+    }
+}
+
 /// Deferrals spend no attempt, so nothing but this bounds the history of a job that waits
 /// again and again; both writers of the history (the completion flush and the reaper) keep it.
 #[tokio::test]

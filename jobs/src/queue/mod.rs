@@ -25,7 +25,8 @@ pub use error::{JobError, QueueError};
 pub use ops::{JobFilter, JobRecord, JobStats, JobStatus, RetryOutcome};
 pub use retry::RetryPolicy;
 pub use tenant_limits::{
-    Actor, ConcurrencyLimit, InvalidConcurrencyLimit, TENANT_LIST_MAX, TenantConcurrency,
+    Actor, ConcurrencyLimit, InvalidConcurrencyLimit, TENANT_LIST_MAX, TENANT_LOAD,
+    TenantConcurrency,
 };
 
 use crate::ids::{AccountId, JobId, TenantId};

@@ -90,8 +90,9 @@ impl From<Row> for TenantConcurrency {
 }
 
 /// Every tenant (or the one in $1), busiest first. The counts read the pending-only and
-/// running-only indexes, so a tenant with a long history costs no more than its live jobs.
-const READ: &str = "WITH live AS (
+/// running-only indexes once for all tenants, so a tenant with a long history costs no more
+/// than its live jobs. Public so a test can check what it reads.
+pub const TENANT_LOAD: &str = "WITH live AS (
         SELECT l.tenant_id, count(*) FILTER (WHERE l.running) AS running,
                count(*) FILTER (WHERE NOT l.running) AS pending
         FROM (SELECT q.tenant_id, true AS running FROM queue_jobs q
@@ -128,7 +129,7 @@ impl Queue {
         &self,
         only: Option<TenantId>,
     ) -> Result<Vec<TenantConcurrency>, QueueError> {
-        let rows: Vec<Row> = sqlx::query_as(READ)
+        let rows: Vec<Row> = sqlx::query_as(TENANT_LOAD)
             .bind(only.map(|t| t.as_uuid()))
             .bind(TENANT_LIST_MAX as i64)
             .fetch_all(self.pool())
@@ -179,7 +180,7 @@ impl Queue {
             .await
             .ctx("audit tenant concurrency")?;
         }
-        let row: Row = sqlx::query_as(READ)
+        let row: Row = sqlx::query_as(TENANT_LOAD)
             .bind(tenant.as_uuid())
             .bind(1_i64)
             .fetch_one(&mut *tx)
