@@ -635,3 +635,61 @@ pub async fn spawn_api_process(
     }
     panic!("the api process did not become ready on port {port}");
 }
+
+/// What the current transaction has read so far from `queue_jobs` and each of its indexes,
+/// by PostgreSQL's per-transaction counters: scans of each relation (for the table, its
+/// sequential scans) and the entries each index's scans returned. A statement's own reads
+/// are the difference across it ([`QueueReads::since`]); the backend's unflushed counters
+/// may still hold earlier statements'.
+#[derive(Debug, Clone)]
+pub struct QueueReads(std::collections::BTreeMap<String, (i64, i64)>);
+
+impl QueueReads {
+    pub async fn now(conn: &mut sqlx::PgConnection) -> Self {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT c.relname::text, pg_stat_get_xact_numscans(c.oid),
+                    pg_stat_get_xact_tuples_returned(c.oid)
+             FROM pg_class c
+             WHERE c.oid = 'queue_jobs'::regclass
+                OR c.oid IN (SELECT indexrelid FROM pg_index
+                             WHERE indrelid = 'queue_jobs'::regclass)",
+        )
+        .fetch_all(conn)
+        .await
+        .expect("read the transaction's scan counters");
+        Self(rows.into_iter().map(|(r, s, t)| (r, (s, t))).collect())
+    }
+
+    /// What was read between `before` and these counters.
+    #[must_use]
+    pub fn since(&self, before: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|(r, (s, t))| {
+                    let (s0, t0) = before.0.get(r).copied().unwrap_or_default();
+                    (r.clone(), (s - s0, t - t0))
+                })
+                .collect(),
+        )
+    }
+
+    /// Scans of `relation` (`queue_jobs` or one of its indexes, by name).
+    #[must_use]
+    pub fn scans(&self, relation: &str) -> i64 {
+        self.get(relation).0
+    }
+
+    /// Entries the scans of the index `relation` returned.
+    #[must_use]
+    pub fn returned(&self, relation: &str) -> i64 {
+        self.get(relation).1
+    }
+
+    fn get(&self, relation: &str) -> (i64, i64) {
+        *self
+            .0
+            .get(relation)
+            .unwrap_or_else(|| panic!("{relation} is not queue_jobs or one of its indexes"))
+    }
+}

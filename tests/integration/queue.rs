@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use graphdesk_tests::{TestDb, WorkerOptions, spawn_worker, wait_for_count};
+use graphdesk_tests::{QueueReads, TestDb, WorkerOptions, spawn_worker, wait_for_count};
 use jobs::config::QueueSettings;
 use jobs::ids::{AccountId, JobId, TenantId};
 use jobs::kinds::{Probe, SyncMailbox};
@@ -1834,12 +1834,6 @@ async fn claims_use_their_indexes(
     let sync = "SELECT count(*) FROM queue_sync_tenant_grants('w2', '{graphdesk.probe}', 1, 4,
                     30, '{}', '{}', 256, '00000000-0000-0000-0000-000000000000', 0)";
     for name in ["granted claim", "grant sync", "plain claim"] {
-        // The backend's unflushed counters may still hold earlier statements' scans, so
-        // what the statement read is the difference across it.
-        let scans = "SELECT pg_stat_get_xact_numscans('queue_jobs'::regclass),
-                            pg_stat_get_xact_numscans('queue_jobs_lease_idx'::regclass),
-                            pg_stat_get_xact_numscans('queue_jobs_claim_idx'::regclass),
-                            pg_stat_get_xact_tuples_returned('queue_jobs_lease_idx'::regclass)";
         let mut tx = db.pool.begin().await.unwrap();
         if name != "grant sync" {
             for (setting, value) in CLAIM_SESSION {
@@ -1851,7 +1845,7 @@ async fn claims_use_their_indexes(
                     .unwrap();
             }
         }
-        let before: (i64, i64, i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
+        let before = QueueReads::now(&mut tx).await;
         let (got, expected) = match name {
             "granted claim" => (
                 sqlx::query(CLAIM_GRANTED_JOBS)
@@ -1887,13 +1881,13 @@ async fn claims_use_their_indexes(
                 200,
             ),
         };
-        let after: (i64, i64, i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
+        let read = QueueReads::now(&mut tx).await.since(&before);
         tx.rollback().await.unwrap();
         let (seq_scans, lease_index_scans, head_index_scans, lease_index_rows) = (
-            after.0 - before.0,
-            after.1 - before.1,
-            after.2 - before.2,
-            after.3 - before.3,
+            read.scans("queue_jobs"),
+            read.scans("queue_jobs_lease_idx"),
+            read.scans("queue_jobs_claim_idx"),
+            read.returned("queue_jobs_lease_idx"),
         );
         let name = format!("{name} (analyzed: {analyzed})");
         assert_eq!(got, expected, "{name}");
@@ -1960,12 +1954,7 @@ async fn tenant_load_counts_read_live_jobs_only() {
         }
         for only in [None, Some(busy)] {
             let mut tx = db.pool.begin().await.unwrap();
-            let reads = "SELECT pg_stat_get_xact_numscans('queue_jobs'::regclass),
-                                pg_stat_get_xact_tuples_returned('queue_jobs_lease_idx'::regclass)
-                                + pg_stat_get_xact_tuples_returned('queue_jobs_claim_idx'::regclass)
-                                + pg_stat_get_xact_tuples_returned(
-                                      'queue_jobs_tenant_claim_idx'::regclass)";
-            let before: (i64, i64) = sqlx::query_as(reads).fetch_one(&mut *tx).await.unwrap();
+            let before = QueueReads::now(&mut tx).await;
             let load: Vec<(uuid::Uuid, String, Option<i32>, i64, i64)> =
                 sqlx::query_as(TENANT_LOAD)
                     .bind(only)
@@ -1973,8 +1962,11 @@ async fn tenant_load_counts_read_live_jobs_only() {
                     .fetch_all(&mut *tx)
                     .await
                     .unwrap();
-            let after: (i64, i64) = sqlx::query_as(reads).fetch_one(&mut *tx).await.unwrap();
+            let read = QueueReads::now(&mut tx).await.since(&before);
             tx.rollback().await.unwrap();
+            let live_entries = read.returned("queue_jobs_lease_idx")
+                + read.returned("queue_jobs_claim_idx")
+                + read.returned("queue_jobs_tenant_claim_idx");
             let case = format!("analyzed: {analyzed}, only: {only:?}");
             let counts: Vec<(uuid::Uuid, i64, i64)> = load
                 .into_iter()
@@ -1986,12 +1978,11 @@ async fn tenant_load_counts_read_live_jobs_only() {
             }
             assert_eq!(counts, expected, "{case}");
             assert!(
-                after.1 - before.1 <= 3,
-                "{case}: read {} live-job index entries for 3 live jobs",
-                after.1 - before.1
+                live_entries <= 3,
+                "{case}: read {live_entries} live-job index entries for 3 live jobs"
             );
             assert_eq!(
-                after.0 - before.0,
+                read.scans("queue_jobs"),
                 0,
                 "{case}: scanned queue_jobs sequentially"
             );

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use graph_sim::{GraphSim, InboundMail, LifecycleEvent};
 use graphdesk_tests::{
-    TestApp, TestDb, TestRole, bind_api, spawn_app, spawn_app_with_sim, workspace_bin,
+    QueueReads, TestApp, TestDb, TestRole, bind_api, spawn_app, spawn_app_with_sim, workspace_bin,
 };
 use jobs::ids::{AccountId, TenantId};
 use jobs::kinds::{RefreshToken, SyncMailbox, ValidateAccount};
@@ -259,8 +259,6 @@ async fn the_recent_validation_check_reads_its_own_index_not_the_queue() {
                 .await
                 .unwrap();
         }
-        let scans = "SELECT pg_stat_get_xact_numscans('queue_jobs'::regclass),
-                            pg_stat_get_xact_numscans('queue_jobs_validation_idx'::regclass)";
         let mut tx = pool.begin().await.unwrap();
         // The plan a long-lived connection settles on after five runs, which cannot use a
         // partial index whose predicate a parameter would have to match.
@@ -268,22 +266,22 @@ async fn the_recent_validation_check_reads_its_own_index_not_the_queue() {
             .execute(&mut *tx)
             .await
             .unwrap();
-        let before: (i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
+        let before = QueueReads::now(&mut tx).await;
         let created =
             jobs::scheduler::sql::enqueue_due_validations(&mut tx, chrono::TimeDelta::minutes(15))
                 .await
                 .unwrap();
-        let after: (i64, i64) = sqlx::query_as(scans).fetch_one(&mut *tx).await.unwrap();
+        let read = QueueReads::now(&mut tx).await.since(&before);
         tx.rollback().await.unwrap();
         let case = format!("analyzed: {analyzed}, validated a minute ago: {recent}");
         assert_eq!(created, expected, "{case}");
         assert_eq!(
-            after.0 - before.0,
+            read.scans("queue_jobs"),
             0,
             "{case}: scanned queue_jobs sequentially"
         );
         assert!(
-            after.1 > before.1,
+            read.scans("queue_jobs_validation_idx") > 0,
             "{case}: did not use queue_jobs_validation_idx"
         );
     }
