@@ -152,7 +152,7 @@ async fn a_mailbox_connects_through_the_oauth_flow_and_its_tokens_are_encrypted(
     );
 
     // The connection test and the first sync were queued with the account, and audited.
-    let queues: Vec<String> = sqlx::query_scalar("SELECT queue FROM queue_jobs ORDER BY queue")
+    let queues: Vec<String> = sqlx::query_scalar("SELECT queue FROM queue_jobs_all ORDER BY queue")
         .fetch_all(&w.app.db.pool)
         .await
         .unwrap();
@@ -844,7 +844,7 @@ async fn disconnecting_wipes_tokens_cancels_pending_jobs_and_is_audited() {
     .unwrap();
     assert_eq!((status.as_str(), access, refresh), ("disabled", None, None));
     let pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE status = 'pending'")
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all WHERE status = 'pending'")
             .fetch_one(&w.app.db.pool)
             .await
             .unwrap();
@@ -954,7 +954,7 @@ async fn a_connect_for_one_mailbox_refuses_a_sign_in_as_another() {
         count(&w, "SELECT count(*) FROM helpdesk_email_accounts").await,
         0
     );
-    assert_eq!(count(&w, "SELECT count(*) FROM queue_jobs").await, 0);
+    assert_eq!(count(&w, "SELECT count(*) FROM queue_jobs_all").await, 0);
     assert_eq!(
         count(
             &w,
@@ -1009,7 +1009,7 @@ async fn a_reconnect_finished_by_another_user_leaves_the_account_unchanged() {
         }
     };
     let before = row(&w).await;
-    let jobs_before = count(&w, "SELECT count(*) FROM queue_jobs").await;
+    let jobs_before = count(&w, "SELECT count(*) FROM queue_jobs_all").await;
     let audit_before = count(&w, "SELECT count(*) FROM audit_log").await;
 
     let url = jobs::accounts::connect::start_reconnect(
@@ -1043,7 +1043,7 @@ async fn a_reconnect_finished_by_another_user_leaves_the_account_unchanged() {
         "the account is untouched, and no other appeared"
     );
     assert_eq!(
-        count(&w, "SELECT count(*) FROM queue_jobs").await,
+        count(&w, "SELECT count(*) FROM queue_jobs_all").await,
         jobs_before,
         "no jobs queued"
     );
@@ -1106,5 +1106,5 @@ async fn a_connect_without_a_hint_connects_whoever_signs_in() {
         .await
         .unwrap();
     assert_eq!(email, "b@y.example");
-    assert_eq!(count(&w, "SELECT count(*) FROM queue_jobs").await, 2);
+    assert_eq!(count(&w, "SELECT count(*) FROM queue_jobs_all").await, 2);
 }

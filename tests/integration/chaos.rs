@@ -295,7 +295,7 @@ async fn chaos_nothing_is_lost_duplicated_or_sent_twice() {
             "SELECT (SELECT count(*) FROM helpdesk_messages WHERE internet_message_id = ANY($1)),
                     (SELECT count(*) FROM helpdesk_outbound_sends
                      WHERE status NOT IN ('confirmed', 'failed')),
-                    (SELECT count(*) FROM queue_jobs
+                    (SELECT count(*) FROM queue_jobs_all
                      WHERE status = 'running' OR (status = 'pending' AND run_at <= now()))",
         )
         .bind(&delivered)
@@ -310,7 +310,7 @@ async fn chaos_nothing_is_lost_duplicated_or_sent_twice() {
             let busy: Vec<(i64, String, String, i32, f64, Option<String>)> = sqlx::query_as(
                 "SELECT id, queue, status, attempts,
                         extract(epoch FROM run_at - now())::float8, last_error
-                 FROM queue_jobs WHERE status IN ('pending', 'running') ORDER BY id",
+                 FROM queue_jobs_all WHERE status IN ('pending', 'running') ORDER BY id",
             )
             .fetch_all(&db.pool)
             .await
@@ -572,13 +572,13 @@ async fn sample_tenant_concurrency(
         // within the limit at every instant is the sum of a tenant's live grants, plus the
         // running jobs of the killed worker, whose lapsed rows stand for them.
         let (n, over): (Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT (SELECT max(r.n) FROM (SELECT count(*) AS n FROM queue_jobs
+            "SELECT (SELECT max(r.n) FROM (SELECT count(*) AS n FROM queue_jobs_all
                                            WHERE status = 'running' AND tenant_id IS NOT NULL
                                            GROUP BY tenant_id) r),
                     (SELECT max(g.slots - coalesce(t.concurrency_limit, $1))
                      FROM (SELECT l.tenant_id,
                                   sum(CASE WHEN l.expires_at >= now() THEN l.slots
-                                      ELSE (SELECT count(*) FROM queue_jobs r
+                                      ELSE (SELECT count(*) FROM queue_jobs_all r
                                             WHERE r.tenant_id = l.tenant_id
                                               AND r.status = 'running'
                                               AND r.locked_by = l.worker_id) END) AS slots
@@ -770,7 +770,7 @@ impl Figures {
             .collect();
 
         let jobs: BTreeMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
-            "SELECT queue || ' ' || status, count(*) FROM queue_jobs GROUP BY 1 ORDER BY 1",
+            "SELECT queue || ' ' || status, count(*) FROM queue_jobs_all GROUP BY 1 ORDER BY 1",
         )
         .fetch_all(pool)
         .await
@@ -789,13 +789,13 @@ impl Figures {
                     count(*) FILTER (WHERE status = 'dead' AND coalesce(last_error, '') = ''),
                     count(*) FILTER (WHERE attempts > 1
                                      AND jsonb_array_length(errors) < attempts - 1)
-             FROM queue_jobs",
+             FROM queue_jobs_all",
         )
         .fetch_one(pool)
         .await
         .expect("job figures");
         let dead = sqlx::query_as(
-            "SELECT queue, coalesce(last_error, '') FROM queue_jobs WHERE status = 'dead'
+            "SELECT queue, coalesce(last_error, '') FROM queue_jobs_all WHERE status = 'dead'
              ORDER BY id",
         )
         .fetch_all(pool)

@@ -134,7 +134,7 @@ impl AccountRow {
 }
 
 async fn status_of(pool: &PgPool, id: i64) -> Option<String> {
-    sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = $1")
+    sqlx::query_scalar("SELECT status FROM queue_jobs_all WHERE id = $1")
         .bind(id)
         .fetch_optional(pool)
         .await
@@ -497,7 +497,7 @@ async fn claim_with_default_limit_4(pool: &PgPool) -> usize {
     use jobs::queue::runtime::{CLAIM_GRANTED_JOBS, TENANT_CLAIM_LOCK};
     const WORKER: &str = "test-worker";
     let running: Vec<(Uuid, i32)> = sqlx::query_as(
-        "SELECT tenant_id, count(*)::int FROM queue_jobs
+        "SELECT tenant_id, count(*)::int FROM queue_jobs_all
          WHERE status = 'running' AND locked_by = $1 GROUP BY tenant_id",
     )
     .bind(WORKER)
@@ -1062,7 +1062,7 @@ async fn ops_actions_change_nothing_when_their_audit_row_cannot_be_written() {
     .insert(pool)
     .await;
     let attempts = |id: i64| async move {
-        sqlx::query_scalar::<_, i32>("SELECT attempts FROM queue_jobs WHERE id = $1")
+        sqlx::query_scalar::<_, i32>("SELECT attempts FROM queue_jobs_all WHERE id = $1")
             .bind(id)
             .fetch_one(pool)
             .await
@@ -2060,7 +2060,7 @@ async fn the_dashboard_works_in_a_real_browser() {
     );
     wait_for_count(
         pool,
-        "SELECT count(*) FROM queue_jobs WHERE status = 'done' AND last_error = 'mailbox quota exceeded'",
+        "SELECT count(*) FROM queue_jobs_all WHERE status = 'done' AND last_error = 'mailbox quota exceeded'",
         2,
         Duration::from_secs(30),
     )

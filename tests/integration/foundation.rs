@@ -92,7 +92,7 @@ async fn two_worker_processes_run_each_of_2000_jobs_exactly_once() {
 
     wait_for_count(
         &db.pool,
-        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        "SELECT count(*) FROM queue_jobs_all WHERE status = 'done'",
         2000,
         Duration::from_secs(120),
     )
@@ -137,7 +137,7 @@ async fn sigterm_during_work_loses_no_job() {
     queue.enqueue_batch(&probes).await.unwrap();
     wait_for_count(
         &db.pool,
-        "SELECT least(count(*), 1) FROM queue_jobs WHERE status = 'running'",
+        "SELECT least(count(*), 1) FROM queue_jobs_all WHERE status = 'running'",
         1,
         Duration::from_secs(30),
     )
@@ -149,13 +149,13 @@ async fn sigterm_during_work_loses_no_job() {
         "worker exits cleanly on SIGTERM: {status:?}"
     );
     let running: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE status = 'running'")
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all WHERE status = 'running'")
             .fetch_one(&db.pool)
             .await
             .unwrap();
     assert_eq!(running, 0, "nothing is left stranded as running");
     let spent: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(attempts), 0) FROM queue_jobs WHERE status = 'pending'",
+        "SELECT coalesce(sum(attempts), 0) FROM queue_jobs_all WHERE status = 'pending'",
     )
     .fetch_one(&db.pool)
     .await
@@ -166,7 +166,7 @@ async fn sigterm_during_work_loses_no_job() {
     let mut worker = spawn_worker(&db, WorkerOptions::default()).await;
     wait_for_count(
         &db.pool,
-        "SELECT least(count(*), 1) FROM queue_jobs WHERE status = 'running'",
+        "SELECT least(count(*), 1) FROM queue_jobs_all WHERE status = 'running'",
         1,
         Duration::from_secs(30),
     )
@@ -174,12 +174,12 @@ async fn sigterm_during_work_loses_no_job() {
     worker.signal(Signal::SIGTERM);
     worker.wait_exit(Duration::from_secs(60)).await;
     let running: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE status = 'running'")
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all WHERE status = 'running'")
             .fetch_one(&db.pool)
             .await
             .unwrap();
     assert_eq!(running, 0);
-    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE status = 'done'")
+    let done: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all WHERE status = 'done'")
         .fetch_one(&db.pool)
         .await
         .unwrap();
@@ -192,7 +192,7 @@ async fn sigterm_during_work_loses_no_job() {
     let _worker = spawn_worker(&db, WorkerOptions::default()).await;
     wait_for_count(
         &db.pool,
-        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        "SELECT count(*) FROM queue_jobs_all WHERE status = 'done'",
         20,
         Duration::from_secs(60),
     )
@@ -351,7 +351,7 @@ async fn malformed_requests_and_unknown_ids_get_json_errors_with_a_request_id() 
     );
 
     // Nothing was enqueued by any of the failed requests.
-    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs")
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();

@@ -80,7 +80,7 @@ async fn a_worker_serves_its_job_counts_on_worker_metrics_addr() {
     }
     wait_for_count(
         &db.pool,
-        "SELECT count(*) FROM queue_jobs WHERE queue = 'graphdesk.probe' AND status = 'done'",
+        "SELECT count(*) FROM queue_jobs_all WHERE queue = 'graphdesk.probe' AND status = 'done'",
         JOBS,
         Duration::from_secs(30),
     )
@@ -156,7 +156,7 @@ async fn a_worker_counts_graph_responses_throttling_and_email_to_ticket_latency(
         .expect("enqueue");
     wait_for_count(
         &db.pool,
-        "SELECT count(*) FROM queue_jobs WHERE queue = 'graphdesk.sync_mailbox' AND status = 'done'",
+        "SELECT count(*) FROM queue_jobs_all WHERE queue = 'graphdesk.sync_mailbox' AND status = 'done'",
         1,
         Duration::from_secs(30),
     )

@@ -532,7 +532,7 @@ async fn kill_9_mid_run_recovers_every_job_within_the_lease() {
     queue.enqueue_batch(&probes).await.unwrap();
     wait_for_count(
         &db.pool,
-        "SELECT least(count(*), 1) FROM queue_jobs WHERE status = 'running'",
+        "SELECT least(count(*), 1) FROM queue_jobs_all WHERE status = 'running'",
         1,
         Duration::from_secs(20),
     )
@@ -543,7 +543,7 @@ async fn kill_9_mid_run_recovers_every_job_within_the_lease() {
     let _survivor = spawn_worker(&db, opts(lease)).await;
     wait_for_count(
         &db.pool,
-        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        "SELECT count(*) FROM queue_jobs_all WHERE status = 'done'",
         30,
         Duration::from_secs(60),
     )
@@ -559,7 +559,7 @@ async fn kill_9_mid_run_recovers_every_job_within_the_lease() {
         "no job's effect committed twice: {runs:?}"
     );
     let recovered: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM queue_jobs, jsonb_array_elements(errors) e WHERE e->>'kind' = 'lease_expired'",
+        "SELECT count(*) FROM queue_jobs_all, jsonb_array_elements(errors) e WHERE e->>'kind' = 'lease_expired'",
     )
     .fetch_one(&db.pool)
     .await
@@ -622,7 +622,7 @@ async fn tenant_limits_hold_across_three_worker_processes() {
     }
     wait_for_count(
         &db.pool,
-        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        "SELECT count(*) FROM queue_jobs_all WHERE status = 'done'",
         5000,
         Duration::from_secs(240),
     )
@@ -678,7 +678,7 @@ async fn a_per_tenant_override_beats_the_default() {
     queue.enqueue_batch(&probes).await.unwrap();
     wait_for_count(
         &db.pool,
-        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        "SELECT count(*) FROM queue_jobs_all WHERE status = 'done'",
         20,
         Duration::from_secs(60),
     )
@@ -765,7 +765,7 @@ async fn backlog_run_before_the_later_tenant(
     let _w = spawn_worker(&db, opts(|q| q.tenant_concurrency = Some(limit))).await;
     let done = |tenant: TenantId| {
         sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM queue_jobs WHERE status = 'done' AND tenant_id = $1",
+            "SELECT count(*) FROM queue_jobs_all WHERE status = 'done' AND tenant_id = $1",
         )
         .bind(tenant.as_uuid())
         .fetch_one(&db.pool)
@@ -1041,7 +1041,7 @@ async fn id_list_statements_skip_the_running_index_after_an_idle_analyze() {
     .await
     .unwrap();
     let ids: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM queue_jobs WHERE status = 'running' ORDER BY id LIMIT 2000",
+        "SELECT id FROM queue_jobs_all WHERE status = 'running' ORDER BY id LIMIT 2000",
     )
     .fetch_all(&db.pool)
     .await
@@ -1083,8 +1083,10 @@ async fn id_list_statements_skip_the_running_index_after_an_idle_analyze() {
 /// completion writes is paid per job: an index keyed by tenant first, written on every claim
 /// and read by nothing, cost about a tenth of the throughput of claim-and-complete
 /// (docs/benchmarks.md, twentieth round), and the (tenant, status, queue) index, written on
-/// both, about an eighth (twenty-first round). An index that grows while a backlog is
-/// claimed, or completed, is one that step writes; only these may.
+/// both, about an eighth (twenty-first round). A completion, which wrote the primary key and
+/// the finished index, now deletes the row and packs it with its flush (twenty-second round).
+/// An index that grows while a backlog is claimed, or completed, is one that step writes;
+/// only these may.
 #[tokio::test]
 async fn claims_and_completions_write_only_the_indexes_they_need() {
     use jobs::queue::runtime::{CLAIM_JOBS, COMPLETE_SUCCESSES};
@@ -1103,7 +1105,7 @@ async fn claims_and_completions_write_only_the_indexes_they_need() {
     let sizes = || async {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index
-             WHERE indrelid = 'queue_jobs'::regclass",
+             WHERE indrelid IN ('queue_jobs'::regclass, 'queue_jobs_done'::regclass)",
         )
         .fetch_all(&db.pool)
         .await
@@ -1136,7 +1138,12 @@ async fn claims_and_completions_write_only_the_indexes_they_need() {
     }
     assert_eq!(claimed.len(), 20000);
     let running = sizes().await;
-    assert_writes_only("claims", &grown(&pending, &running), "queue_jobs_lease_idx");
+    assert_writes_only(
+        "claims",
+        &grown(&pending, &running),
+        "queue_jobs_lease_idx",
+        &["queue_jobs_pkey"],
+    );
 
     for ids in claimed.chunks(2000) {
         let done: Vec<(i64, bool)> = sqlx::query_as(COMPLETE_SUCCESSES)
@@ -1148,23 +1155,26 @@ async fn claims_and_completions_write_only_the_indexes_they_need() {
             .unwrap();
         assert_eq!(done.len(), ids.len());
     }
+    // A completion deletes the job's row and packs it with its flush: no entry in any index
+    // of queue_jobs, one per flush in queue_jobs_done's.
     assert_writes_only(
         "completions",
         &grown(&running, &sizes().await),
-        "queue_jobs_finished_idx",
+        "queue_jobs_done_finished_idx",
+        &["queue_jobs_done_ids_idx", "queue_jobs_done_newest_idx"],
     );
 }
 
-/// `grown` (the indexes a step made larger) holds `own`, the partial index only that step's
-/// rows enter (else growth would show nothing), and nothing but it and the primary key.
-fn assert_writes_only(step: &str, grown: &[String], own: &str) {
+/// `grown` (the indexes a step made larger) holds `own`, an index only that step's rows
+/// enter (else growth would show nothing), and nothing but it and `also`.
+fn assert_writes_only(step: &str, grown: &[String], own: &str, also: &[&str]) {
     assert!(
         grown.iter().any(|index| index == own),
         "{own} did not grow under {step}, so growth shows nothing: {grown:?}"
     );
     for index in grown {
         assert!(
-            [own, "queue_jobs_pkey"].contains(&index.as_str()),
+            index == own || also.contains(&index.as_str()),
             "{step} wrote {index}: {grown:?}"
         );
     }
@@ -1247,9 +1257,261 @@ async fn complete_successes<'c>(
         .await
 }
 
+/// A job done without an idempotency key leaves `queue_jobs` for a packed row of
+/// `queue_jobs_done`, and reads back through every ops path as the row it would have been
+/// updated to: each column kept but the completion's own, its id found, its status listed,
+/// counted and purged. A job with a key stays in place, so its key still answers.
+#[tokio::test]
+async fn a_done_job_is_packed_and_reads_back_as_it_was() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    let tenant = TenantId::new();
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO queue_jobs (queue, tenant_id, payload, status, priority, attempts,
+                                 max_attempts, run_at, locked_by, locked_at, lease_expires_at,
+                                 idempotency_key, coalesce_key, last_error, errors, created_at)
+         SELECT 'graphdesk.probe', $1, jsonb_build_object('n', g), 'running', g::smallint, 2,
+                5, now() - interval '1 minute', 'w', now() - interval '2 seconds',
+                now() + interval '1 minute', CASE WHEN g = 4 THEN 'key-4' END,
+                'coalesce-' || g, 'first attempt failed',
+                jsonb_build_array(jsonb_build_object('attempt', 1, 'at', now() - interval '30 seconds',
+                                                   'error', 'first attempt failed')),
+                now() - interval '1 hour'
+         FROM generate_series(1, 4) g ORDER BY g RETURNING id",
+    )
+    .bind(tenant.as_uuid())
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let kept_columns = "to_jsonb(j) - ARRAY['status', 'locked_by', 'lease_expires_at',
+                                            'updated_at', 'finished_at']";
+    let before: Vec<serde_json::Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {kept_columns} FROM queue_jobs j ORDER BY id"
+    )))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+
+    let applied = complete_successes(&db.pool, &ids, &[2; 4], "w")
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 4);
+    assert!(applied.iter().all(|(_, done)| *done), "{applied:?}");
+
+    let in_place: Vec<(i64, String)> = sqlx::query_as("SELECT id, status FROM queue_jobs")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        in_place,
+        vec![(ids[3], "done".to_string())],
+        "only the keyed job stays"
+    );
+    let packed: Vec<(String, i64, i32, Vec<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT queue, cardinality(jobs)::bigint, job_count, tenant_ids FROM queue_jobs_done",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        packed,
+        vec![("graphdesk.probe".to_string(), 3, 3, vec![tenant.as_uuid()])],
+        "one row per queue per flush"
+    );
+
+    let after: Vec<serde_json::Value> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {kept_columns} FROM queue_jobs_all j ORDER BY id"
+    )))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(after, before, "every column but the completion's is kept");
+    let completion: Vec<(String, Option<String>, bool, bool)> = sqlx::query_as(
+        "SELECT status, locked_by, lease_expires_at IS NULL,
+                finished_at IS NOT NULL AND finished_at = updated_at
+         FROM queue_jobs_all ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(completion, vec![("done".to_string(), None, true, true); 4]);
+
+    let found = job(&queue, JobId::new(ids[1])).await;
+    assert_eq!((found.status.as_str(), found.attempts), ("done", 2));
+    assert_eq!(found.payload, serde_json::json!({"n": 2}));
+    assert!(
+        queue
+            .get_job(JobId::new(ids[3] + 100))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let done = |tenant| JobFilter {
+        status: Some(JobStatus::Done),
+        tenant,
+        limit: 50,
+        ..JobFilter::default()
+    };
+    let listed: Vec<i64> = queue
+        .list_jobs(&done(Some(tenant)))
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    let newest_first: Vec<i64> = ids.iter().rev().copied().collect();
+    assert_eq!(listed, newest_first);
+    let page: Vec<i64> = queue
+        .list_jobs(&JobFilter {
+            before_id: Some(ids[2]),
+            limit: 1,
+            ..done(None)
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(page, vec![ids[1]], "keyset pages run through packed jobs");
+    assert!(
+        queue
+            .list_jobs(&JobFilter {
+                status: Some(JobStatus::Pending),
+                limit: 50,
+                ..JobFilter::default()
+            })
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        queue
+            .list_jobs(&done(Some(TenantId::new())))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    for scope in [None, Some(tenant)] {
+        let counts: Vec<(String, String, i64)> = queue
+            .queue_counts(scope)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.queue, c.status, c.count))
+            .collect();
+        assert_eq!(
+            counts,
+            vec![("graphdesk.probe".to_string(), "done".to_string(), 4)],
+            "{scope:?}"
+        );
+    }
+    assert!(
+        queue
+            .queue_counts(Some(TenantId::new()))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let stats: Vec<(String, i64)> = queue
+        .stats()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.status, s.count))
+        .collect();
+    assert_eq!(stats, vec![("done".to_string(), 4)]);
+    let buckets = queue
+        .throughput(
+            Some(tenant),
+            Utc::now() - chrono::Duration::minutes(5),
+            3600,
+        )
+        .await
+        .unwrap();
+    let (done_n, failed_n) = buckets
+        .iter()
+        .fold((0, 0), |(d, f), b| (d + b.done, f + b.failed));
+    assert_eq!(
+        (done_n, failed_n),
+        (4, 4),
+        "packed jobs count as done, their failures too"
+    );
+
+    assert_eq!(
+        queue
+            .purge_finished(Utc::now() - chrono::Duration::hours(1))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        queue
+            .purge_finished(Utc::now() + chrono::Duration::minutes(1))
+            .await
+            .unwrap(),
+        4
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+/// Flushes overlap in ids (two processes' batches interleave), so the job list's walk of
+/// packed rows newest first may stop only once a page of matches lies at or above the next
+/// row's largest id: stopping at the first full page would skip a newer job that a later
+/// row holds.
+#[tokio::test]
+async fn the_job_list_pages_through_overlapping_packed_rows_in_id_order() {
+    let db = TestDb::new().await;
+    let queue = Queue::new(db.pool.clone());
+    for ids in [vec![10_i64, 40], vec![20, 30, 50], vec![5, 60]] {
+        sqlx::query(
+            "INSERT INTO queue_jobs_done (queue, finished_at, job_ids, tenant_ids, jobs, job_count)
+             SELECT 'graphdesk.probe', now(), int8range(min(i), max(i), '[]'), '{}',
+                    array_agg(ROW(i, 'graphdesk.probe', NULL, NULL, '{}', 'done', 0, 1, 5,
+                                  now(), NULL, now(), NULL, NULL, NULL, NULL, '[]', now(),
+                                  now(), now())::queue_jobs ORDER BY i),
+                    count(*)
+             FROM unnest($1::bigint[]) AS i",
+        )
+        .bind(&ids)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let page = |before_id: Option<i64>, limit: i64| {
+        let queue = queue.clone();
+        async move {
+            queue
+                .list_jobs(&JobFilter {
+                    before_id,
+                    limit,
+                    ..JobFilter::default()
+                })
+                .await
+                .unwrap()
+                .iter()
+                .map(|j| j.id)
+                .collect::<Vec<i64>>()
+        }
+    };
+    assert_eq!(page(None, 2).await, vec![60, 50]);
+    assert_eq!(
+        page(None, 3).await,
+        vec![60, 50, 40],
+        "the oldest row's 40 comes third"
+    );
+    assert_eq!(page(Some(50), 2).await, vec![40, 30]);
+    assert_eq!(page(Some(30), 10).await, vec![20, 10, 5]);
+}
+
 /// The statuses of `ids`, in id order.
 async fn statuses(db: &TestDb, ids: &[i64]) -> Vec<String> {
-    sqlx::query_scalar("SELECT status FROM queue_jobs WHERE id = ANY ($1) ORDER BY id")
+    sqlx::query_scalar("SELECT status FROM queue_jobs_all WHERE id = ANY ($1) ORDER BY id")
         .bind(ids)
         .fetch_all(&db.pool)
         .await
@@ -1303,7 +1565,7 @@ async fn a_lease_renewal_skips_rows_another_statement_holds() {
     assert_eq!(renewed.rows_affected(), 1);
     held.holder.rollback().await.unwrap();
     let extended: Vec<bool> = sqlx::query_scalar(
-        "SELECT lease_expires_at > now() + interval '5 minutes' FROM queue_jobs
+        "SELECT lease_expires_at > now() + interval '5 minutes' FROM queue_jobs_all
          WHERE id = ANY ($1) ORDER BY id",
     )
     .bind(&held.ids)
@@ -1707,7 +1969,7 @@ async fn ops_retries_keep_one_pending_job_per_coalesce_key() {
         .await
         .unwrap();
     assert_eq!(retried, 1, "only the newest of key a");
-    let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM queue_jobs ORDER BY id")
+    let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM queue_jobs_all ORDER BY id")
         .fetch_all(&db.pool)
         .await
         .unwrap();
@@ -1796,7 +2058,7 @@ async fn claims_stay_index_lookups_on_an_analyzed_busy_queue() {
          WHERE id IN (SELECT id FROM (
              SELECT id, tenant_id,
                     row_number() OVER (PARTITION BY tenant_id ORDER BY id) AS n
-             FROM queue_jobs) x
+             FROM queue_jobs_all) x
            WHERE x.n <= 4 AND x.tenant_id = ANY ($1))",
     )
     .bind(&tenants[..75])
@@ -2160,7 +2422,7 @@ async fn granted_or_uncovered(db: &TestDb, tenant: TenantId) -> i64 {
     sqlx::query_scalar(
         "SELECT (SELECT coalesce(sum(slots), 0) FROM queue_tenant_grants
                  WHERE tenant_id = $1 AND expires_at >= now())
-              + (SELECT count(*) FROM queue_jobs r
+              + (SELECT count(*) FROM queue_jobs_all r
                  WHERE r.tenant_id = $1 AND r.status = 'running'
                    AND NOT EXISTS (SELECT 1 FROM queue_tenant_grants g
                                    WHERE g.tenant_id = $1 AND g.worker_id = r.locked_by
@@ -2223,7 +2485,7 @@ async fn tenant_slot_grants_share_each_limit_and_never_exceed_it() {
     sqlx::query(
         "UPDATE queue_jobs SET status = 'running', attempts = 1, locked_by = 'dead',
              lease_expires_at = now() + interval '1 minute'
-         WHERE id = (SELECT min(id) FROM queue_jobs WHERE tenant_id = $1)",
+         WHERE id = (SELECT min(id) FROM queue_jobs_all WHERE tenant_id = $1)",
     )
     .bind(b)
     .execute(&db.pool)
@@ -2329,7 +2591,7 @@ async fn a_stopping_worker_gives_back_its_slots_but_those_of_jobs_left_running()
             .await
             .unwrap();
     let locked_by: Option<String> =
-        sqlx::query_scalar("SELECT locked_by FROM queue_jobs WHERE id = $1")
+        sqlx::query_scalar("SELECT locked_by FROM queue_jobs_all WHERE id = $1")
             .bind(left.get())
             .fetch_one(&db.pool)
             .await
@@ -2493,7 +2755,7 @@ async fn a_job_passed_over_while_locked_still_runs() {
     .await;
     wait_for_count(
         &db.pool,
-        "SELECT count(*) FROM queue_jobs WHERE status = 'done'",
+        "SELECT count(*) FROM queue_jobs_all WHERE status = 'done'",
         40,
         Duration::from_secs(60),
     )

@@ -63,7 +63,7 @@ struct JobRow {
 async fn jobs_of(pool: &PgPool, queue: &str) -> Vec<JobRow> {
     sqlx::query_as(
         "SELECT queue, tenant_id, email_account_id, payload, coalesce_key, max_attempts
-         FROM queue_jobs WHERE queue = $1 ORDER BY id",
+         FROM queue_jobs_all WHERE queue = $1 ORDER BY id",
     )
     .bind(queue)
     .fetch_all(pool)
@@ -350,7 +350,7 @@ async fn two_replicas_never_lead_at_once_and_never_double_enqueue() {
             let mut max_pending_per_key = 0i64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let worst: Option<i64> = sqlx::query_scalar(
-                    "SELECT max(n) FROM (SELECT count(*) AS n FROM queue_jobs
+                    "SELECT max(n) FROM (SELECT count(*) AS n FROM queue_jobs_all
                      WHERE status = 'pending' GROUP BY queue, coalesce_key) per_key",
                 )
                 .fetch_one(&pool)
@@ -359,7 +359,7 @@ async fn two_replicas_never_lead_at_once_and_never_double_enqueue() {
                 max_pending_per_key = max_pending_per_key.max(worst.unwrap_or(0));
                 sqlx::query(
                     "UPDATE queue_jobs SET status = 'done', finished_at = now()
-                     WHERE id IN (SELECT id FROM queue_jobs WHERE status = 'pending'
+                     WHERE id IN (SELECT id FROM queue_jobs_all WHERE status = 'pending'
                                   ORDER BY random() LIMIT 15)",
                 )
                 .execute(&pool)
@@ -426,7 +426,7 @@ async fn two_replicas_never_lead_at_once_and_never_double_enqueue() {
     );
     let duplicates = count(
         &db.pool,
-        "SELECT count(*) FROM (SELECT 1 FROM queue_jobs WHERE status = 'pending'
+        "SELECT count(*) FROM (SELECT 1 FROM queue_jobs_all WHERE status = 'pending'
          GROUP BY queue, coalesce_key HAVING count(*) > 1) d",
     )
     .await;
@@ -587,11 +587,12 @@ async fn clean_up_removes_exactly_what_is_due() {
             .await
             .unwrap();
     assert_eq!(audit, vec!["default-new", "short-new", "system-new"]);
-    let jobs: Vec<(String, String)> =
-        sqlx::query_as("SELECT idempotency_key, status FROM queue_jobs ORDER BY idempotency_key")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let jobs: Vec<(String, String)> = sqlx::query_as(
+        "SELECT idempotency_key, status FROM queue_jobs_all ORDER BY idempotency_key",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
     assert_eq!(
         jobs,
         vec![
@@ -713,7 +714,7 @@ async fn a_notification_with_a_wrong_client_state_is_discarded_and_enqueues_noth
     let app = spawn_app().await;
     let pool = &app.db.pool;
     let (tenant, account) = subscribed_account(pool, "sub-1", "the-right-secret").await;
-    let syncs = "SELECT count(*) FROM queue_jobs";
+    let syncs = "SELECT count(*) FROM queue_jobs_all";
 
     for items in [
         vec![notification("sub-1", Some("the-wrong-secret"))],
@@ -777,7 +778,7 @@ async fn a_hundred_notifications_for_one_mailbox_make_at_most_two_syncs() {
     assert!(statuses.iter().all(|s| *s == 202), "{statuses:?}");
     let created = count(
         pool,
-        "SELECT count(*) FROM queue_jobs WHERE queue = 'graphdesk.sync_mailbox'",
+        "SELECT count(*) FROM queue_jobs_all WHERE queue = 'graphdesk.sync_mailbox'",
     )
     .await;
     assert!((1..=2).contains(&created), "{created} sync jobs");
@@ -866,7 +867,7 @@ impl World {
     async fn pending_inbox_syncs(&self) -> Vec<SyncMailbox> {
         sqlx::query_as::<_, JobRow>(
             "SELECT queue, tenant_id, email_account_id, payload, coalesce_key, max_attempts
-             FROM queue_jobs WHERE queue = $1 AND status = 'pending'",
+             FROM queue_jobs_all WHERE queue = $1 AND status = 'pending'",
         )
         .bind(SyncMailbox::QUEUE)
         .fetch_all(&self.app.db.pool)

@@ -374,7 +374,7 @@ async fn every_endpoint_answers_by_role_and_tenant() {
     }
     // Nothing of the other tenant changed hands: its account got no job.
     let foreign: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE email_account_id = $1")
+        sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all WHERE email_account_id = $1")
             .bind(other_account.as_uuid())
             .fetch_one(&app.db.pool)
             .await
@@ -446,7 +446,7 @@ async fn oversize_and_malformed_bodies_get_4xx_and_store_nothing() {
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
-    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs")
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
@@ -634,7 +634,7 @@ async fn wait_quiet(db: &TestDb) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM queue_jobs WHERE status IN ('pending', 'running')",
+            "SELECT count(*) FROM queue_jobs_all WHERE status IN ('pending', 'running')",
         )
         .fetch_one(&db.pool)
         .await
@@ -702,7 +702,7 @@ async fn hostile_webhook_payloads_are_discarded_without_a_server_error() {
             assert_eq!(resp.status(), 202, "{path}");
         }
     }
-    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs")
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();

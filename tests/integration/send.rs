@@ -267,11 +267,12 @@ async fn the_same_idempotency_key_posted_50_times_at_once_is_one_send() {
         );
     }
     assert_eq!(ids.len(), 1);
-    let jobs: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE queue = 'graphdesk.send_reply'")
-            .fetch_one(&w.app.db.pool)
-            .await
-            .unwrap();
+    let jobs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM queue_jobs_all WHERE queue = 'graphdesk.send_reply'",
+    )
+    .fetch_one(&w.app.db.pool)
+    .await
+    .unwrap();
     assert_eq!(jobs, 1);
     // The same key with another body is a client bug, said clearly.
     let conflict = w.post_reply("same-key", "<p>Different</p>").await;
@@ -687,7 +688,7 @@ async fn a_reply_waits_out_a_busy_mailbox_without_spending_its_attempts() {
     let _worker = w.worker().await;
     let job = |pool: sqlx::PgPool| async move {
         sqlx::query_as::<_, (i32, serde_json::Value)>(
-            "SELECT attempts, errors FROM queue_jobs WHERE queue = 'graphdesk.send_reply'",
+            "SELECT attempts, errors FROM queue_jobs_all WHERE queue = 'graphdesk.send_reply'",
         )
         .fetch_one(&pool)
         .await

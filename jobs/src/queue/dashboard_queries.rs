@@ -67,8 +67,21 @@ impl Queue {
         tenant: Option<TenantId>,
     ) -> Result<Vec<QueueCount>, QueueError> {
         sqlx::query_as(
-            "SELECT queue, status, count(*) AS count FROM queue_jobs
-             WHERE ($1::uuid IS NULL OR tenant_id = $1)
+            // Packed jobs (queue_jobs_done) are only unpacked to narrow them to one tenant:
+            // across all tenants a packed row's `job_count` is its count.
+            "SELECT queue, status, sum(n)::bigint AS count FROM (
+                 SELECT queue, status, count(*) AS n FROM queue_jobs
+                 WHERE ($1::uuid IS NULL OR tenant_id = $1)
+                 GROUP BY queue, status
+                 UNION ALL
+                 SELECT d.queue, 'done', sum(d.job_count) FROM queue_jobs_done d
+                 WHERE $1::uuid IS NULL
+                 GROUP BY d.queue
+                 UNION ALL
+                 SELECT j.queue, j.status, count(*)
+                 FROM queue_jobs_done d CROSS JOIN LATERAL unnest(d.jobs) AS j
+                 WHERE $1::uuid = ANY (d.tenant_ids) AND j.tenant_id = $1
+                 GROUP BY j.queue, j.status) AS c
              GROUP BY queue, status ORDER BY queue, status",
         )
         .bind(tenant.map(|t| t.as_uuid()))
@@ -113,10 +126,20 @@ impl Queue {
                      to_timestamp(floor(extract(epoch FROM $2::timestamptz) / $3) * $3),
                      now(), make_interval(secs => $3)) AS bucket_start
              ),
+             -- A packed job finished (and was last updated) when its row was written, so the
+             -- rows finished since $2 hold every packed job that counts here.
+             recent AS (
+                 SELECT status, finished_at, errors, tenant_id FROM queue_jobs
+                 WHERE updated_at >= $2
+                 UNION ALL
+                 SELECT j.status, j.finished_at, j.errors, j.tenant_id
+                 FROM queue_jobs_done d CROSS JOIN LATERAL unnest(d.jobs) AS j
+                 WHERE d.finished_at >= $2 AND ($1::uuid IS NULL OR $1::uuid = ANY (d.tenant_ids))
+             ),
              done AS (
                  SELECT to_timestamp(floor(extract(epoch FROM finished_at) / $3) * $3) AS b,
                         count(*) AS n
-                 FROM queue_jobs
+                 FROM recent
                  WHERE status = 'done' AND finished_at >= $2
                    AND ($1::uuid IS NULL OR tenant_id = $1)
                  GROUP BY 1
@@ -125,9 +148,8 @@ impl Queue {
                  SELECT to_timestamp(floor(extract(epoch FROM (e->>'at')::timestamptz) / $3) * $3)
                             AS b,
                         count(*) AS n
-                 FROM queue_jobs, jsonb_array_elements(errors) e
-                 WHERE updated_at >= $2
-                   AND ($1::uuid IS NULL OR tenant_id = $1)
+                 FROM recent, jsonb_array_elements(errors) e
+                 WHERE ($1::uuid IS NULL OR tenant_id = $1)
                    AND coalesce(e->>'kind', '') <> 'deferred'
                    AND (e->>'at')::timestamptz >= $2
                  GROUP BY 1

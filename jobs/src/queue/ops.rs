@@ -104,6 +104,11 @@ const FILTER_SQL: &str = "($1::text IS NULL OR queue = $1)
       AND ($4::uuid IS NULL OR email_account_id = $4)
       AND ($5::text IS NULL OR last_error ILIKE '%' || $5 || '%')";
 
+/// Every packed job (see migrations/20261201000010_packed_finished_jobs.sql) as a
+/// `queue_jobs` row, for a `WHERE` on the packed rows `d` to narrow before they are unpacked.
+const PACKED_JOBS: &str =
+    "SELECT j.* FROM queue_jobs_done d CROSS JOIN LATERAL unnest(d.jobs) AS j";
+
 const COLUMNS: &str = "id, queue, tenant_id, email_account_id, payload, status, attempts,
     max_attempts, run_at, locked_by, lease_expires_at, idempotency_key, last_error, errors,
     created_at, updated_at, finished_at";
@@ -117,7 +122,11 @@ fn escape_like(raw: &str) -> String {
 impl Queue {
     pub async fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, QueueError> {
         sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM queue_jobs WHERE id = $1"
+            "SELECT {COLUMNS} FROM queue_jobs WHERE id = $1
+             UNION ALL
+             SELECT {COLUMNS} FROM ({PACKED_JOBS} WHERE d.job_ids @> $1::bigint) AS p
+             WHERE id = $1
+             LIMIT 1"
         )))
         .bind(id.get())
         .fetch_optional(self.pool())
@@ -126,9 +135,14 @@ impl Queue {
     }
 
     pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, QueueError> {
+        // Packed jobs are all done: their side is skipped whole when the filter asks for
+        // another status, and otherwise walked newest first only as far as the page needs.
         let sql = format!(
             "SELECT {COLUMNS} FROM queue_jobs WHERE {FILTER_SQL}
                AND ($6::bigint IS NULL OR id < $6)
+             UNION ALL
+             SELECT {COLUMNS} FROM queue_jobs_done_page($1, $3, $4, $5, $6, $7::int)
+             WHERE $2::text IS NULL OR $2::text = 'done'
              ORDER BY id DESC LIMIT $7"
         );
         sqlx::query_as(AssertSqlSafe(sql))
@@ -289,9 +303,16 @@ impl Queue {
     }
 
     pub async fn stats(&self) -> Result<Vec<JobStats>, QueueError> {
+        // A packed row's `job_count` is its count; its jobs' run_at are not read (for done jobs
+        // the oldest run_at says nothing an operator needs).
         sqlx::query_as(
-            "SELECT queue, status, count(*) AS count, min(run_at) AS oldest_run_at
-             FROM queue_jobs GROUP BY queue, status ORDER BY queue, status",
+            "SELECT queue, status, sum(n)::bigint AS count, min(oldest) AS oldest_run_at FROM (
+                 SELECT queue, status, count(*) AS n, min(run_at) AS oldest
+                 FROM queue_jobs GROUP BY queue, status
+                 UNION ALL
+                 SELECT queue, 'done', sum(job_count), NULL::timestamptz
+                 FROM queue_jobs_done GROUP BY queue) AS s
+             GROUP BY queue, status ORDER BY queue, status",
         )
         .fetch_all(self.pool())
         .await
@@ -303,15 +324,21 @@ async fn purge_finished_on(
     conn: &mut PgConnection,
     before: DateTime<Utc>,
 ) -> Result<u64, QueueError> {
-    let done = sqlx::query(
-        "DELETE FROM queue_jobs
-         WHERE status IN ('done', 'dead', 'cancelled') AND finished_at < $1",
+    let purged: i64 = sqlx::query_scalar(
+        "WITH live AS (
+             DELETE FROM queue_jobs
+             WHERE status IN ('done', 'dead', 'cancelled') AND finished_at < $1
+             RETURNING 1
+         ), packed AS (
+             DELETE FROM queue_jobs_done WHERE finished_at < $1 RETURNING job_count AS n
+         )
+         SELECT (SELECT count(*) FROM live) + (SELECT coalesce(sum(n), 0) FROM packed)::bigint",
     )
     .bind(before)
-    .execute(conn)
+    .fetch_one(conn)
     .await
     .ctx("purge_finished")?;
-    Ok(done.rows_affected())
+    Ok(purged.max(0) as u64)
 }
 
 /// Wakes the workers of `queues` when the caller's transaction commits (a NOTIFY is delivered

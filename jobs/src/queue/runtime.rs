@@ -852,17 +852,44 @@ pub const COMPLETE_JOBS: &str = concat!(
 /// compare-and-set and the same answer. With nothing to decide (no error history, no coalesce
 /// check) it costs less to plan (each completion connection plans a statement for its first
 /// five runs, about 2 ms each for the full one on a busy server) and to run.
+///
+/// A job without an idempotency key leaves `queue_jobs` here and is packed into
+/// `queue_jobs_done`, one row per queue per flush, as the row it would have been updated to
+/// (see migrations/20261201000010_packed_finished_jobs.sql); a job with one is updated in
+/// place, so that its key keeps answering. Its packed row repeats every column of
+/// `queue_jobs` in order: a column added there must be added here too, which
+/// `a_done_job_is_packed_and_reads_back_as_it_was` checks.
 pub const COMPLETE_SUCCESSES: &str = concat!(
     completion_rows!("$3"),
-    ", plain AS (
+    ", c AS (
+            SELECT * FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt)
+            WHERE u.id IN (SELECT h.id FROM held h)
+         ), packed AS (
+            DELETE FROM queue_jobs j USING c
+            WHERE j.id = c.id AND j.attempts = c.attempt AND coalesce(j.status, '') = 'running'
+              AND j.idempotency_key IS NULL
+            RETURNING j.id, j.queue, j.tenant_id,
+                ROW(j.id, j.queue, j.tenant_id, j.email_account_id, j.payload, 'done',
+                    j.priority, j.attempts, j.max_attempts, j.run_at, NULL, j.locked_at, NULL,
+                    j.idempotency_key, j.coalesce_key, j.last_error, j.errors, j.created_at,
+                    now(), now())::queue_jobs AS job
+         ), history AS (
+            INSERT INTO queue_jobs_done (queue, finished_at, job_ids, tenant_ids, jobs, job_count)
+            SELECT p.queue, now(), int8range(min(p.id), max(p.id), '[]'),
+                   array_remove(array_agg(DISTINCT p.tenant_id), NULL),
+                   array_agg(p.job ORDER BY p.id), count(*)
+            FROM packed p GROUP BY p.queue
+         ), kept AS (
             UPDATE queue_jobs j SET status = 'done', finished_at = now(),
                 locked_by = NULL, lease_expires_at = NULL, updated_at = now()
-            FROM (SELECT * FROM unnest($1::bigint[], $2::int[]) AS u(id, attempt)
-                  WHERE u.id IN (SELECT h.id FROM held h)) AS c
+            FROM c
             WHERE j.id = c.id AND j.attempts = c.attempt AND coalesce(j.status, '') = 'running'
+              AND j.idempotency_key IS NOT NULL
             RETURNING j.id
          )
-         SELECT id, true FROM plain",
+         SELECT id, true FROM packed
+         UNION ALL
+         SELECT id, true FROM kept",
     completions_held_elsewhere!("$3")
 );
 

@@ -242,7 +242,7 @@ async fn http(cli: &Cli) -> anyhow::Result<Vec<Row>> {
         sqlx::query("TRUNCATE queue_jobs").execute(&db.pool).await?;
         let h = load(&client, &health, cli.requests, cli.connections).await?;
         let p = load(&client, &probe, cli.requests, cli.connections).await?;
-        let enqueued: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs")
+        let enqueued: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all")
             .fetch_one(&db.pool)
             .await?;
         ensure!(

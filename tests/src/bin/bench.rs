@@ -405,7 +405,7 @@ async fn create_tenants(pool: &PgPool) -> anyhow::Result<Vec<TenantId>> {
 }
 
 async fn reset_queue(pool: &PgPool) -> anyhow::Result<()> {
-    sqlx::query("TRUNCATE queue_jobs, queue_probe_runs")
+    sqlx::query("TRUNCATE queue_jobs, queue_jobs_done, queue_probe_runs")
         .execute(pool)
         .await?;
     Ok(())
@@ -471,11 +471,15 @@ async fn wait_drained(pool: &PgPool, within: Duration) -> anyhow::Result<DateTim
         .fetch_one(pool)
         .await?;
         if !busy {
-            let end: Option<DateTime<Utc>> =
-                sqlx::query_scalar("SELECT max(finished_at) FROM queue_jobs WHERE queue = $1")
-                    .bind(Probe::QUEUE)
-                    .fetch_one(pool)
-                    .await?;
+            let end: Option<DateTime<Utc>> = sqlx::query_scalar(
+                "SELECT max(f) FROM (
+                         SELECT max(finished_at) FROM queue_jobs WHERE queue = $1
+                         UNION ALL
+                         SELECT max(finished_at) FROM queue_jobs_done WHERE queue = $1) AS m(f)",
+            )
+            .bind(Probe::QUEUE)
+            .fetch_one(pool)
+            .await?;
             return end.context("no probe finished");
         }
         ensure!(
@@ -514,9 +518,10 @@ async fn queue_throughput(
         let meter = CpuMeter::start(pids.clone());
         let end = wait_drained(&db.pool, Duration::from_secs(600)).await?;
         let cpu = meter.per_job(n);
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_jobs WHERE status = 'done'")
-            .fetch_one(&db.pool)
-            .await?;
+        let done: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM queue_jobs_all WHERE status = 'done'")
+                .fetch_one(&db.pool)
+                .await?;
         ensure!(done == n as i64, "{done} of {n} jobs done");
         samples.push(Throughput {
             jobs_per_sec: per_sec(n, start, end)?,
@@ -737,7 +742,7 @@ async fn start_latencies(
     wait_drained(pool, Duration::from_secs(60)).await?;
     let mut lat: Vec<f64> = sqlx::query_scalar(
         "SELECT (extract(epoch FROM (r.started_at - j.created_at)) * 1000)::float8
-         FROM queue_probe_runs r JOIN queue_jobs j ON j.id = r.job_id",
+         FROM queue_probe_runs r JOIN queue_jobs_all j ON j.id = r.job_id",
     )
     .fetch_all(pool)
     .await?;
@@ -805,6 +810,9 @@ async fn throughput_beside_finished(
         let end = wait_drained(&db.pool, Duration::from_secs(600)).await?;
         samples.push(per_sec(n, start, end)?);
         sqlx::query("DELETE FROM queue_jobs WHERE queue = 'graphdesk.probe'")
+            .execute(&db.pool)
+            .await?;
+        sqlx::query("DELETE FROM queue_jobs_done WHERE queue = 'graphdesk.probe'")
             .execute(&db.pool)
             .await?;
         sqlx::query("VACUUM queue_jobs").execute(&db.pool).await?;

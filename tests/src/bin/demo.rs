@@ -555,11 +555,11 @@ impl Progress {
         .fetch_one(pool)
         .await?;
         let jobs: Vec<(String, i64)> =
-            sqlx::query_as("SELECT status, count(*) FROM queue_jobs GROUP BY status")
+            sqlx::query_as("SELECT status, count(*) FROM queue_jobs_all GROUP BY status")
                 .fetch_all(pool)
                 .await?;
         let retried: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM queue_jobs WHERE jsonb_array_length(errors) > 0",
+            "SELECT count(*) FROM queue_jobs_all WHERE jsonb_array_length(errors) > 0",
         )
         .fetch_one(pool)
         .await?;

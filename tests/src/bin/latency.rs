@@ -130,7 +130,7 @@ async fn run_mode(cli: &Cli, mode: Mode) -> anyhow::Result<Vec<Option<Duration>>
     // Steady state first: the first sync done and, with webhooks, the subscription in place.
     wait_until(Duration::from_secs(120), "the first sync", || async {
         let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM queue_jobs WHERE queue = 'graphdesk.sync_mailbox' AND status = 'done'",
+            "SELECT count(*) FROM queue_jobs_all WHERE queue = 'graphdesk.sync_mailbox' AND status = 'done'",
         )
         .fetch_one(&app.db.pool)
         .await?;
@@ -162,7 +162,7 @@ async fn run_mode(cli: &Cli, mode: Mode) -> anyhow::Result<Vec<Option<Duration>>
         stats.total_requests,
         sim.notifications().len(),
         sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM queue_jobs WHERE queue = 'graphdesk.sync_mailbox'"
+            "SELECT count(*) FROM queue_jobs_all WHERE queue = 'graphdesk.sync_mailbox'"
         )
         .fetch_one(&app.db.pool)
         .await?
