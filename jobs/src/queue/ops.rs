@@ -104,11 +104,6 @@ const FILTER_SQL: &str = "($1::text IS NULL OR queue = $1)
       AND ($4::uuid IS NULL OR email_account_id = $4)
       AND ($5::text IS NULL OR last_error ILIKE '%' || $5 || '%')";
 
-/// Every packed job (see migrations/20261201000010_packed_finished_jobs.sql) as a
-/// `queue_jobs` row, for a `WHERE` on the packed rows `d` to narrow before they are unpacked.
-const PACKED_JOBS: &str =
-    "SELECT j.* FROM queue_jobs_done d CROSS JOIN LATERAL unnest(d.jobs) AS j";
-
 const COLUMNS: &str = "id, queue, tenant_id, email_account_id, payload, status, attempts,
     max_attempts, run_at, locked_by, lease_expires_at, idempotency_key, last_error, errors,
     created_at, updated_at, finished_at";
@@ -121,10 +116,13 @@ fn escape_like(raw: &str) -> String {
 
 impl Queue {
     pub async fn get_job(&self, id: JobId) -> Result<Option<JobRecord>, QueueError> {
+        // A packed job's row is found by its id range (GiST) before anything is unpacked.
         sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM queue_jobs WHERE id = $1
              UNION ALL
-             SELECT {COLUMNS} FROM ({PACKED_JOBS} WHERE d.job_ids @> $1::bigint) AS p
+             SELECT {COLUMNS} FROM (
+                 SELECT j.* FROM queue_jobs_done d CROSS JOIN LATERAL unnest(d.jobs) AS j
+                 WHERE d.job_ids @> $1::bigint) AS p
              WHERE id = $1
              LIMIT 1"
         )))
