@@ -636,7 +636,8 @@ pub async fn spawn_api_process(
     panic!("the api process did not become ready on port {port}");
 }
 
-/// What the current transaction has read so far from `queue_jobs` and each of its indexes,
+/// What the current transaction has read so far from `queue_jobs`, `queue_jobs_done` and each
+/// of their indexes,
 /// by PostgreSQL's per-transaction counters: scans of each relation (for the table, its
 /// sequential scans) and the entries each index's scans returned. A statement's own reads
 /// are the difference across it ([`QueueReads::since`]); the backend's unflushed counters
@@ -650,9 +651,10 @@ impl QueueReads {
             "SELECT c.relname::text, pg_stat_get_xact_numscans(c.oid),
                     pg_stat_get_xact_tuples_returned(c.oid)
              FROM pg_class c
-             WHERE c.oid = 'queue_jobs'::regclass
+             WHERE c.oid IN ('queue_jobs'::regclass, 'queue_jobs_done'::regclass)
                 OR c.oid IN (SELECT indexrelid FROM pg_index
-                             WHERE indrelid = 'queue_jobs'::regclass)",
+                             WHERE indrelid IN ('queue_jobs'::regclass,
+                                                'queue_jobs_done'::regclass))",
         )
         .fetch_all(conn)
         .await
@@ -674,7 +676,7 @@ impl QueueReads {
         )
     }
 
-    /// Scans of `relation` (`queue_jobs` or one of its indexes, by name).
+    /// Scans of `relation` (either table or one of their indexes, by name).
     #[must_use]
     pub fn scans(&self, relation: &str) -> i64 {
         self.get(relation).0
@@ -690,6 +692,6 @@ impl QueueReads {
         *self
             .0
             .get(relation)
-            .unwrap_or_else(|| panic!("{relation} is not queue_jobs or one of its indexes"))
+            .unwrap_or_else(|| panic!("{relation} is not a queue table or one of its indexes"))
     }
 }

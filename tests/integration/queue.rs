@@ -1509,6 +1509,48 @@ async fn the_job_list_pages_through_overlapping_packed_rows_in_id_order() {
     assert_eq!(page(Some(30), 10).await, vec![20, 10, 5]);
 }
 
+/// The job list's newest page unpacks a few packed rows, not the whole history: its walk
+/// goes down the newest-first index and stops once the page is settled. Without the stop it
+/// read all 2,000 rows here (the lab's million packed jobs: 405 ms against 3.8 ms).
+#[tokio::test]
+async fn the_job_lists_newest_page_reads_a_few_packed_rows_not_the_history() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO queue_jobs_done (queue, finished_at, job_ids, tenant_ids, jobs, job_count)
+         SELECT 'graphdesk.probe', now(), int8range(i, i, '[]'), '{}',
+                ARRAY[ROW(i, 'graphdesk.probe', NULL, NULL, '{}', 'done', 0, 1, 5, now(), NULL,
+                          now(), NULL, NULL, NULL, NULL, '[]', now(), now(), now())::queue_jobs],
+                1
+         FROM generate_series(1, 2000) AS i",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE queue_jobs_done")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut tx = db.pool.begin().await.unwrap();
+    let before = QueueReads::now(&mut tx).await;
+    let page: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM queue_jobs_done_page(NULL, NULL, NULL, NULL, NULL, 5)")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    let read = QueueReads::now(&mut tx).await.since(&before);
+    assert_eq!(page, vec![2000, 1999, 1998, 1997, 1996]);
+    assert_eq!(
+        read.scans("queue_jobs_done"),
+        0,
+        "no scan of the packed table: {read:?}"
+    );
+    let entries = read.returned("queue_jobs_done_newest_idx");
+    assert!(
+        (1..=50).contains(&entries),
+        "{entries} packed rows walked: {read:?}"
+    );
+}
+
 /// The statuses of `ids`, in id order.
 async fn statuses(db: &TestDb, ids: &[i64]) -> Vec<String> {
     sqlx::query_scalar("SELECT status FROM queue_jobs_all WHERE id = ANY ($1) ORDER BY id")
