@@ -877,7 +877,7 @@ pub const COMPLETE_SUCCESSES: &str = concat!(
             INSERT INTO queue_jobs_done (queue, finished_at, job_ids, tenant_ids, jobs, job_count)
             SELECT p.queue, now(), int8range(min(p.id), max(p.id), '[]'),
                    array_remove(array_agg(DISTINCT p.tenant_id), NULL),
-                   array_agg(p.job ORDER BY p.id), count(*)
+                   array_agg(p.job), count(*)
             FROM packed p GROUP BY p.queue
          ), kept AS (
             UPDATE queue_jobs j SET status = 'done', finished_at = now(),
